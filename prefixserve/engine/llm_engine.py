@@ -1,0 +1,202 @@
+"""The synchronous engine: admit requests, and `step()` = schedule, run, sample, post-process."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from prefixserve.config import EngineConfig
+from prefixserve.engine.detokenizer import IncrementalDetokenizer
+from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from prefixserve.engine.sampler import Sampler
+from prefixserve.engine.scheduler import Scheduler
+from prefixserve.errors import EngineOverloadedError, InvalidRequestError
+from prefixserve.models.loader import Backbone, load_backbone
+
+
+@dataclass
+class Completion:
+    """A whole finished request (what `generate` returns)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+class LLMEngine:
+    def __init__(self, backbone: Backbone, config: EngineConfig = EngineConfig()):
+        self.backbone = backbone
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        page_size = config.cache.page_size
+        self.max_model_len = backbone.max_model_len
+        num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
+        self.pages = KVPageManager(num_pages, page_size)
+        self.scheduler = Scheduler(config.scheduler, self.pages)
+        self.runner = ModelRunner(backbone, num_pages, page_size)
+        self.sampler = Sampler(backbone.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        return cls(load_backbone(config.model), config)
+
+    @staticmethod
+    def _default_num_pages(backbone: Backbone, config: EngineConfig) -> int:
+        dtype = next(backbone.model.parameters()).dtype
+        per_page = ModelRunner.bytes_per_page(backbone, config.cache.page_size, dtype)
+        wanted = config.scheduler.max_num_seqs * -(-backbone.max_model_len // config.cache.page_size)
+        return max(1, min(wanted, config.cache.kv_cache_bytes // per_page))
+
+    # ---- admission -------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams = SamplingParams(),
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        tenant: str = "default",
+    ) -> Request:
+        """Tokenize and validate; touches no engine state (safe from any thread)."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("expected exactly one of prompt (text) or prompt_token_ids")
+        tokenizer = self.backbone.tokenizer
+        if prompt is not None:
+            if tokenizer is None:
+                raise InvalidRequestError("this backbone has no tokenizer; send prompt_token_ids instead of text")
+            prompt_token_ids = tokenizer(prompt).input_ids
+        ids = list(prompt_token_ids)
+        vocab = self.backbone.arch.vocab_size
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; expected at least one token")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), found "
+                                      f"{next(t for t in ids if not (isinstance(t, int) and 0 <= t < vocab))!r}")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                                      f"(prompt plus at least one new token)")
+        total = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        if self.pages.pages_for(total) > self.pages.num_pages:
+            raise InvalidRequestError(f"the request needs up to {total} tokens of KV cache, more than the whole "
+                                      f"pool ({self.pages.num_pages * self.pages.page_size} tokens)")
+        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise EngineOverloadedError(f"the engine queue is full ({self.config.scheduler.max_waiting} waiting)")
+        if self.backbone.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, request.prompt_token_ids)
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def add_request(self, prompt: str | None = None, params: SamplingParams = SamplingParams(),
+                    **kwargs) -> Request:
+        request = self.make_request(prompt, params, **kwargs)
+        self.add(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._output(request, [], None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        result = self.runner.execute(scheduled)
+        for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
+            request.num_computed_tokens += n
+        if not result.sampling_requests:
+            return []
+        tokens, logprobs = self.sampler(result.logits, result.sampling_requests)
+        outputs = []
+        for i, (request, token) in enumerate(zip(result.sampling_requests, tokens)):
+            outputs.append(self._append_token(request, token, logprobs[i] if logprobs else None))
+        return outputs
+
+    def _append_token(self, request: Request, token: int, logprob: float | None) -> RequestOutput:
+        request.token_ids.append(token)
+        if logprob is not None and request.params.logprobs:
+            request.logprobs.append(logprob)
+        detok = request.detokenizer
+        delta = detok.add(token) if detok is not None else ""
+        status = self._check_stop(request, token, delta)
+        if status is not None:
+            self.scheduler.finish(request, status)
+            del self.requests[request.request_id]
+        return self._output(request, [token], logprob if request.params.logprobs else None)
+
+    def _check_stop(self, request: Request, token: int, delta: str) -> RequestStatus | None:
+        params = request.params
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if not params.ignore_eos and token in self.backbone.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop and delta:
+            detok = request.detokenizer
+            # A stop string can only end inside the new text, so search just the tail.
+            start = max(0, len(detok.text) - len(delta) - max(map(len, params.stop)) + 1)
+            hits = [(detok.text.find(s, start), s) for s in params.stop]
+            hits = [(at, s) for at, s in hits if at >= 0]
+            if hits:
+                at, request.stop_reason = min(hits)
+                detok.text = detok.text[:at]
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _output(self, request: Request, new_tokens: list[int], logprob: float | None) -> RequestOutput:
+        finished = request.status.is_finished
+        detok = request.detokenizer
+        new_text = ""
+        if detok is not None:
+            visible = detok.text
+            if not finished and request.params.stop:
+                # Hold back what could be the start of a stop string until it is decided.
+                visible = visible[:max(request.num_emitted_chars, len(visible) - max(map(len, request.params.stop)) + 1)]
+            new_text = visible[request.num_emitted_chars:]
+            request.num_emitted_chars = len(visible)
+        return RequestOutput(
+            request_id=request.request_id, new_token_ids=new_tokens, new_text=new_text, finished=finished,
+            finish_reason=request.status.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            new_logprobs=[logprob] if logprob is not None else None,
+        )
+
+    # ---- offline convenience -------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams()
+                 ) -> list[Completion]:
+        """Run every prompt to completion in one continuous batch (tests, benchmarks, CLI)."""
+        order = []
+        for p in prompts:
+            kwargs = {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
+            order.append(self.add_request(params=params, **kwargs))
+        while self.has_unfinished():
+            self.step()
+        return [self.completion(r) for r in order]
+
+    @staticmethod
+    def completion(request: Request) -> Completion:
+        detok = request.detokenizer
+        return Completion(request.request_id, request.prompt_token_ids, request.output_token_ids,
+                          detok.text if detok is not None else "", request.status.finish_reason,
+                          request.logprobs if request.params.logprobs else None)

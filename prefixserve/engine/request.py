@@ -1,0 +1,124 @@
+"""A request's state. One counter model (as in vLLM v1): `num_computed_tokens` catches up to
+`num_tokens`, so chunked prefill, recompute after preemption and decode are one code path."""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from prefixserve.errors import InvalidRequestError, expect
+
+if TYPE_CHECKING:
+    from prefixserve.engine.detokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered so that `status >= FINISHED_STOPPED` means finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
+    top_p: float = 1.0
+    seed: int | None = None  # same seed -> same tokens, whatever else is in the batch
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens exist
+    logprobs: bool = False  # report the log-probability of each chosen token
+
+    def __post_init__(self):
+        expect(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, InvalidRequestError,
+               f"max_new_tokens must be a positive integer, found {self.max_new_tokens!r}")
+        expect(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+               and self.temperature >= 0, InvalidRequestError,
+               f"temperature must be a finite number >= 0, found {self.temperature!r}")
+        expect(isinstance(self.top_k, int) and self.top_k >= -1, InvalidRequestError,
+               f"top_k must be -1, 0 (off) or a positive integer, found {self.top_k!r}")
+        expect(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, InvalidRequestError,
+               f"top_p must be in (0, 1], found {self.top_p!r}")
+        expect(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), InvalidRequestError,
+               f"seed must be an integer in [0, 2**63), found {self.seed!r}")
+        expect(all(isinstance(s, str) and s for s in self.stop), InvalidRequestError,
+               f"stop must be non-empty strings, found {self.stop!r}")
+        expect(len(self.stop) <= 16, InvalidRequestError, f"at most 16 stop strings, found {len(self.stop)}")
+        expect(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), InvalidRequestError,
+               f"stop_token_ids must be non-negative integers, found {self.stop_token_ids!r}")
+        expect(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens, InvalidRequestError,
+               f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], found {self.min_tokens!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: deltas since the previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    new_logprobs: list[float] | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str = "default"
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    page_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | int | None = None
+    detokenizer: IncrementalDetokenizer | None = None  # None when the backbone has no tokenizer
+    num_emitted_chars: int = 0  # text already streamed (stop-string hold-back keeps it behind)
+
+    def __post_init__(self):
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.token_ids = list(self.prompt_token_ids)  # prompt + output, appended in place
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        # A private generator per request keeps seeded sampling independent of the batch around it.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]

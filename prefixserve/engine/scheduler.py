@@ -1,0 +1,109 @@
+"""Continuous batching: which requests run this step and how many tokens each computes.
+
+Each step spends a token budget: running requests first (decode, or the next chunk of a long
+prefill), then waiting requests in FIFO order. When the KV pool is exhausted the most recently
+admitted running request is preempted: its pages are freed and it is recomputed later (its
+sampled tokens are kept, so the result is unchanged)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from prefixserve.config import SchedulerConfig
+from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The contract between scheduler and model runner: a plain description of one step."""
+
+    requests: list[Request] = field(default_factory=list)  # batch order
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each request computes this step
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pages: KVPageManager):
+        self.config = config
+        self.pages = pages
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve_or_preempt(request, n, out):
+                break  # the request preempted itself: nothing later in `running` remains
+            out.requests.append(request)
+            out.num_new_tokens.append(n)
+            budget -= n
+            i += 1
+        # Admitting new work in a step that had to preempt would only thrash the pool.
+        while (not out.preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(request, n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.requests.append(request)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return out
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove a request (finished or aborted) from the queues and free its pages."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = status
+
+    def _reserve(self, request: Request, num_new_tokens: int) -> bool:
+        needed = self.pages.pages_for(request.num_computed_tokens + num_new_tokens) - len(request.page_ids)
+        if needed <= 0:
+            return True
+        if not self.pages.can_allocate(needed):
+            return False
+        request.page_ids.extend(self.pages.allocate(needed))
+        return True
+
+    def _reserve_or_preempt(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        while not self._reserve(request, num_new_tokens):
+            victim = self.running.pop()
+            self._release(victim)
+            victim.num_computed_tokens = 0
+            victim.status = RequestStatus.WAITING
+            self.waiting.appendleft(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _release(self, request: Request) -> None:
+        self.pages.free(request.page_ids)
+        request.page_ids = []

@@ -1,0 +1,56 @@
+"""Typed errors. Each says what was expected and what was found; `status_code` is the one
+place that maps an error to HTTP (the server's exception handler reads it)."""
+
+
+class PrefixServeError(Exception):
+    """Base of every error we raise on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(PrefixServeError):
+    """A configuration value is out of range or inconsistent."""
+
+    code = "invalid_config"
+
+
+class ModelLoadError(PrefixServeError):
+    """The backbone cannot be found, read or understood."""
+
+    code = "model_load_error"
+
+
+class InvalidRequestError(PrefixServeError):
+    """A request's prompt or sampling parameters are not acceptable."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class EngineOverloadedError(PrefixServeError):
+    """The engine's bounded waiting queue is full; the caller should retry later."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineDeadError(PrefixServeError):
+    """The engine loop stopped (crash or shutdown); no request can be served."""
+
+    status_code = 503
+    code = "engine_dead"
+
+
+def expect(condition: bool, error: type[PrefixServeError], message: str) -> None:
+    """Raise `error(message)` unless `condition` holds (input validation, never `assert`)."""
+    if not condition:
+        raise error(message)

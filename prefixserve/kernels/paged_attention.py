@@ -1,0 +1,179 @@
+"""Mixed-prefix paged attention over a flat varlen batch (the torch reference).
+
+Every sequence attends, in one softmax, to two KV segments:
+  1. its task's prefix: shared, read-only pages (length `prefix_lens[s]`, may be 0), all visible;
+  2. its own pages: `seq_lens[s]` tokens, the last `query_len` of which are this step's queries,
+     visible causally.
+Decode (one query per sequence), chunked prefill and prefix-cache hits are the same call with
+different query lengths. The Triton kernels take exactly this signature; `paged_attention()`
+picks them on CUDA and this reference elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Per-step batch layout shared by every layer. Built once per step by the model runner."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot (page * page_size + offset) of each new token
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: query token offsets per sequence
+    seq_lens: torch.Tensor  # [num_seqs] int32: own KV length after this step (context + queries)
+    page_table: torch.Tensor  # [num_seqs, max_pages] int32: own pages, padded with 0
+    prefix_lens: torch.Tensor  # [num_seqs] int32: prefix length, 0 = no prefix
+    prefix_page_table: torch.Tensor  # [num_seqs, max_prefix_pages] int32: prefix pages, padded with 0
+    max_query_len: int  # host-side maxima: launch grids and reference grouping need them without a sync
+    max_seq_len: int
+    max_prefix_len: int
+    reference_plan: "ReferencePlan | None" = None  # CPU path: gather indices and masks, same for every layer
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedAttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention for every query token of the batch. q: [num_tokens, num_heads, head_dim].
+    CUDA tensors run the Triton kernels (imported here, so CPU-only installs need no triton);
+    anything else runs the torch reference."""
+    if q.is_cuda:
+        if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:  # every sequence decodes
+            from prefixserve.kernels.decode_attention import decode_attention
+
+            return decode_attention(
+                q, k_cache, v_cache, meta.seq_lens, meta.page_table, meta.prefix_lens, meta.prefix_page_table,
+                scale, max_kv_len=meta.max_seq_len + meta.max_prefix_len,
+            )
+        from prefixserve.kernels.prefill_attention import prefill_attention
+
+        return prefill_attention(
+            q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.page_table,
+            meta.prefix_lens, meta.prefix_page_table, scale,
+        )
+    if meta.reference_plan is None:  # built by the first layer, reused by the others
+        meta.reference_plan = ReferencePlan.build(meta.cu_seqlens_q, meta.seq_lens, meta.page_table,
+                                                  meta.prefix_lens, meta.prefix_page_table, k_cache.shape[1])
+    return _attend(q, k_cache, v_cache, meta.reference_plan, scale)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1]
+    seq_lens: torch.Tensor,  # [num_seqs]
+    page_table: torch.Tensor,  # [num_seqs, max_pages]
+    prefix_lens: torch.Tensor,  # [num_seqs]
+    prefix_page_table: torch.Tensor,  # [num_seqs, max_prefix_pages]
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """fp32-accumulated reference. Decode rows are batched (one gather, one matmul per KV head);
+    sequences with several queries are done one at a time with a causal mask."""
+    _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table)
+    plan = ReferencePlan.build(cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, k_cache.shape[1])
+    return _attend(q, k_cache, v_cache, plan, scale)
+
+
+@dataclass
+class ReferencePlan:
+    """Which cache slots each query reads and which of them it may see. Depends only on the batch
+    layout, so one plan serves every layer of a step."""
+
+    decode_token_idx: torch.Tensor | None  # [n] query rows of sequences with one query
+    decode_slots: torch.Tensor | None  # [n * L] flat cache slots: prefix segment, then own segment
+    decode_bias: torch.Tensor | None  # [n, 1, L] additive mask: 0 visible, -inf padding
+    extends: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n_q, slots [L], visible [n_q, L])
+
+    @classmethod
+    def build(cls, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, page_size) -> "ReferencePlan":
+        device = cu_seqlens_q.device
+        starts = cu_seqlens_q[:-1].tolist()
+        query_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        decode = [s for s, n in enumerate(query_lens) if n == 1]
+        token_idx = slots = bias = None
+        if decode:
+            seq_idx = torch.tensor(decode, device=device)
+            token_idx = cu_seqlens_q[:-1].long()[seq_idx]
+            own_lens, pre_lens = seq_lens[seq_idx], prefix_lens[seq_idx]
+            own_slots, own_valid = _segment(page_table[seq_idx], own_lens, page_size)
+            pre_slots, pre_valid = _segment(prefix_page_table[seq_idx], pre_lens, page_size)
+            slots = torch.cat([pre_slots, own_slots], 1).flatten()
+            visible = torch.cat([pre_valid, own_valid], 1)  # [n, L]
+            bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None, :]
+        extends = []
+        for s, n in enumerate(query_lens):
+            if n > 1:
+                seq_len, prefix_len = int(seq_lens[s]), int(prefix_lens[s])
+                own_slots, _ = _segment(page_table[s:s + 1], seq_lens[s:s + 1], page_size)
+                pre_slots, _ = _segment(prefix_page_table[s:s + 1], prefix_lens[s:s + 1], page_size)
+                seq_slots = torch.cat([pre_slots[0, :prefix_len], own_slots[0, :seq_len]])
+                query_pos = torch.arange(seq_len - n, seq_len, device=device)[:, None]  # own positions
+                key_pos = torch.arange(-prefix_len, seq_len, device=device)[None, :]  # prefix keys come first
+                extends.append((starts[s], n, seq_slots, key_pos <= query_pos))
+        return cls(token_idx, slots, bias, extends)
+
+
+def _segment(pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pages [n, P] (padded), lens [n] -> flat slots [n, L] and validity [n, L], L = pages needed for max(lens)."""
+    num_pages = -(-int(lens.max()) // page_size) if lens.numel() else 0
+    offsets = torch.arange(page_size, device=pages.device)
+    slots = (pages[:, :num_pages].long()[:, :, None] * page_size + offsets).flatten(1)
+    valid = torch.arange(num_pages * page_size, device=pages.device)[None, :] < lens[:, None]
+    return slots, valid
+
+
+def _attend(q, k_cache, v_cache, plan: ReferencePlan, scale: float) -> torch.Tensor:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    out = torch.empty_like(q)
+    if plan.decode_token_idx is not None:
+        out[plan.decode_token_idx] = _decode_rows(q[plan.decode_token_idx], k_flat, v_flat, plan, scale)
+    for start, n, slots, visible in plan.extends:
+        out[start:start + n] = _extend_one(q[start:start + n], k_flat, v_flat, slots, visible, scale)
+    return out
+
+
+def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q [T, H, D] and k/v caches [pages, page_size, Hkv, D] of one shape, "
+                         f"found q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"expected head_dim {head_dim} and num_heads divisible by num_kv_heads, "
+                         f"found cache head_dim {k_cache.shape[3]}, {num_heads} heads / {num_kv_heads} kv heads")
+    num_seqs = seq_lens.shape[0]
+    if (cu_seqlens_q.shape[0] != num_seqs + 1 or page_table.shape[0] != num_seqs
+            or prefix_lens.shape[0] != num_seqs or prefix_page_table.shape[0] != num_seqs):
+        raise ValueError(f"expected per-sequence tensors for {num_seqs} sequences, found cu_seqlens_q "
+                         f"{tuple(cu_seqlens_q.shape)}, page_table {tuple(page_table.shape)}, prefix_lens "
+                         f"{tuple(prefix_lens.shape)}, prefix_page_table {tuple(prefix_page_table.shape)}")
+
+
+def _decode_rows(q, k_flat, v_flat, plan: ReferencePlan, scale):
+    # q: [n, H, D]; each row is the newest token of its sequence, so only padding is masked.
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    k = k_flat.index_select(0, plan.decode_slots).float().view(n, -1, num_kv_heads, head_dim)  # [n, L, Hkv, D]
+    v = v_flat.index_select(0, plan.decode_slots).float().view(n, -1, num_kv_heads, head_dim)
+    qg = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [n, Hkv, G, D]
+    # One strided bmm per KV head: the [n, L, D] slices are BLAS-compatible views, so nothing is copied.
+    out = [torch.bmm(torch.baddbmm(plan.decode_bias, qg[:, h], k[:, :, h].transpose(1, 2), alpha=scale)
+                     .softmax(-1), v[:, :, h]) for h in range(num_kv_heads)]  # each [n, G, D]
+    return torch.stack(out, 1).reshape(n, num_heads, head_dim).to(q.dtype)
+
+
+def _extend_one(q, k_flat, v_flat, slots, visible, scale):
+    # q: [n_q, H, D] at own positions seq_len - n_q ... seq_len - 1; visible: [n_q, L].
+    n_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_flat.shape[1]
+    k = k_flat.index_select(0, slots).float()  # [L, Hkv, D]
+    v = v_flat.index_select(0, slots).float()
+    qg = q.float().view(n_q, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
+    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]).mul_(scale)  # [Hkv, G, n_q, L]
+    scores.masked_fill_(~visible, float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.transpose(0, 1)[:, None])  # [Hkv, G, n_q, D]
+    return out.permute(2, 0, 1, 3).reshape(n_q, num_heads, head_dim).to(q.dtype)

@@ -1,0 +1,185 @@
+"""Llama-family forward over a flat varlen batch (no padding): RMSNorm, RoPE, GQA, SwiGLU.
+
+Covers Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (q/k/v bias) and SmolLM. Weight names
+follow Hugging Face except that q/k/v and gate/up are stored fused (`fuse_hf_state_dict`), so a
+decoder layer does two input matmuls instead of five.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from prefixserve.errors import ModelLoadError
+from prefixserve.kernels.kv_store import store_kv
+from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """The shape facts of a backbone that the engine and adapters need."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: PretrainedConfig, qkv_bias: bool = False) -> "LlamaArch":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim, rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=config.max_position_embeddings, qkv_bias=qkv_bias,
+        )
+
+
+def rope_tables(config: PretrainedConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_len, head_dim] in fp32, computed exactly as transformers does per position."""
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        inv_freq, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    elif rope_type in ROPE_INIT_FUNCTIONS and rope_type != "dynamic":
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    else:
+        # dynamic NTK rescales with the running length, which a shared table cannot express
+        raise ModelLoadError(f"RoPE type {rope_type!r} is not supported; expected default, linear, llama3, yarn "
+                             f"or longrope")
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as transformers does (parity in fp16/bf16).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArch):
+        super().__init__()
+        self.arch = arch
+        qkv_out = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.qkv_proj = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.scale = arch.head_dim ** -0.5
+
+    def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache):
+        # hidden: [T, hidden]; cos, sin: [T, 1, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D]
+        a = self.arch
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [T, (H + 2 Hkv) * D]
+        qk, v = qkv.split([(a.num_heads + a.num_kv_heads) * a.head_dim, a.num_kv_heads * a.head_dim], dim=-1)
+        qk = qk.view(num_tokens, a.num_heads + a.num_kv_heads, a.head_dim)
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys in one pass
+        q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
+        v = v.view(num_tokens, a.num_kv_heads, a.head_dim)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        hidden = hidden + self.o_proj(attn.view(num_tokens, a.num_heads * a.head_dim))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """The frozen backbone. `forward` fills the KV cache for this step's tokens and returns hidden
+    states; `compute_logits` runs the head only on the rows that will be sampled."""
+
+    def __init__(self, arch: LlamaArch, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        # Tables come in built (see rope_tables) so the model can be constructed on the meta device.
+        self.register_buffer("rope_cos", rope_cos, persistent=False)  # [max_model_len, D] fp32
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        meta: PagedAttentionMetadata,
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_pages, page_size, Hkv, D]
+    ) -> torch.Tensor:  # [T, hidden], before the final norm
+        dtype = input_embeds.dtype
+        cos = self.rope_cos[positions].to(dtype)[:, None, :]  # [T, 1, D]
+        sin = self.rope_sin[positions].to(dtype)[:, None, :]
+        hidden = input_embeds
+        for layer, layer_cache in zip(self.layers, kv_cache):
+            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1])
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] (only the rows to sample) -> fp32 logits [N, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def fuse_hf_state_dict(state: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama state dict onto LlamaModel's names, concatenating q/k/v and gate/up."""
+    def take(name: str) -> torch.Tensor:
+        if name not in state:
+            raise ModelLoadError(f"backbone weights are missing {name!r}")
+        return state[name]
+
+    fused = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if "lm_head.weight" in state:
+        fused["lm_head.weight"] = state["lm_head.weight"]
+    elif not arch.tie_word_embeddings:
+        raise ModelLoadError("backbone weights are missing 'lm_head.weight' and the config does not tie embeddings")
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        attn = [take(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
+        fused[f"layers.{i}.qkv_proj.weight"] = torch.cat(attn)
+        if arch.qkv_bias:
+            fused[f"layers.{i}.qkv_proj.bias"] = torch.cat([take(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
+        fused[f"layers.{i}.o_proj.weight"] = take(f"{p}self_attn.o_proj.weight")
+        fused[f"layers.{i}.gate_up_proj.weight"] = torch.cat([take(f"{p}mlp.gate_proj.weight"),
+                                                              take(f"{p}mlp.up_proj.weight")])
+        fused[f"layers.{i}.down_proj.weight"] = take(f"{p}mlp.down_proj.weight")
+        fused[f"layers.{i}.input_layernorm.weight"] = take(f"{p}input_layernorm.weight")
+        fused[f"layers.{i}.post_attention_layernorm.weight"] = take(f"{p}post_attention_layernorm.weight")
+    return fused

@@ -1,0 +1,98 @@
+"""FastAPI app factory. The engine is built by the caller (cli.py) and handed in."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from prefixserve.engine.async_engine import AsyncEngine
+from prefixserve.engine.request import RequestOutput, SamplingParams
+from prefixserve.errors import InvalidRequestError, PrefixServeError
+from prefixserve.server.errors import error_response, install_error_handlers
+from prefixserve.server.protocol import GenerateRequest, GenerateResponse
+
+BASE_TASK = "base"
+
+
+def create_app(engine: AsyncEngine) -> FastAPI:
+    app = FastAPI(title="prefixserve", version="0.1.0")
+    app.state.engine = engine
+    install_error_handlers(app)
+    backbone = engine.engine.backbone
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if not engine.is_alive:
+            return error_response(503, "not_ready", "the engine loop is not running")
+        return JSONResponse({"status": "ready", "backbone": backbone.name})
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest):
+        task = body.task or BASE_TASK
+        if task not in (BASE_TASK, backbone.name):
+            raise InvalidRequestError(f"unknown task {task!r}; this server serves only {BASE_TASK!r} so far")
+        params = _sampling_params(body)
+        prompt, prompt_ids = body.prompt, None
+        if body.messages is not None:
+            prompt, prompt_ids = None, _chat_prompt_ids(backbone.tokenizer, body.messages)
+        request_id = uuid.uuid4().hex
+        outputs = engine.generate(prompt, params, prompt_ids, request_id)
+        if body.stream:
+            first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
+            return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")
+        text, token_ids, logprobs, last = [], [], [], None
+        async for out in outputs:
+            text.append(out.new_text)
+            token_ids += out.new_token_ids
+            logprobs += out.new_logprobs or []
+            last = out
+        return GenerateResponse(
+            id=request_id, task=task, text="".join(text), token_ids=token_ids, finish_reason=last.finish_reason,
+            usage={"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens},
+            logprobs=logprobs if body.logprobs else None,
+        )
+
+    return app
+
+
+def _sampling_params(body: GenerateRequest) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return SamplingParams(
+        max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=body.logprobs,
+    )
+
+
+def _chat_prompt_ids(tokenizer, messages) -> list[int]:
+    if tokenizer is None or not tokenizer.chat_template:
+        raise InvalidRequestError("this backbone has no chat template; send 'prompt' instead of 'messages'")
+    text = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+async def _sse(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    """Server-Sent Events: one JSON delta per event, then [DONE]. Closing this generator (client
+    gone) closes `rest`, which aborts the request in the engine."""
+    try:
+        out = first
+        while True:
+            yield "data: " + json.dumps({"text": out.new_text, "token_ids": out.new_token_ids,
+                                         "finish_reason": out.finish_reason}) + "\n\n"
+            if out.finished:
+                break
+            out = await anext(rest)
+        yield "data: [DONE]\n\n"
+    except PrefixServeError as exc:
+        yield "data: " + json.dumps({"error": {"type": exc.code, "message": exc.message}}) + "\n\n"
+    finally:
+        await rest.aclose()

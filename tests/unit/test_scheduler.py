@@ -1,0 +1,65 @@
+from prefixserve.config import SchedulerConfig
+from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.request import Request, RequestStatus, SamplingParams
+from prefixserve.engine.scheduler import Scheduler
+
+
+def make(num_pages=16, max_num_seqs=4, budget=32):
+    pages = KVPageManager(num_pages, page_size=4)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), pages), pages
+
+
+def request(n, rid):
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_new_tokens=4))
+
+
+def complete(step):
+    for r, n in zip(step.requests, step.num_new_tokens):
+        r.num_computed_tokens += n
+        if r.num_computed_tokens == r.num_tokens:
+            r.token_ids.append(7)  # as if sampled
+
+
+def test_token_budget_chunks_long_prompts_and_running_go_first():
+    sched, _ = make(budget=8)
+    long, short = request(20, "long"), request(3, "short")
+    sched.add(long)
+    sched.add(short)
+    step = sched.schedule()
+    assert [r.request_id for r in step.requests] == ["long"] and step.num_new_tokens == [8]
+    complete(step)
+    step = sched.schedule()
+    assert [(r.request_id, n) for r, n in zip(step.requests, step.num_new_tokens)] == [("long", 8)]
+    complete(step)
+    step = sched.schedule()  # the last 4 prompt tokens of long, then short fits in the rest
+    assert [(r.request_id, n) for r, n in zip(step.requests, step.num_new_tokens)] == [("long", 4), ("short", 3)]
+
+
+def test_max_num_seqs_bounds_the_batch():
+    sched, _ = make(max_num_seqs=2)
+    for i in range(3):
+        sched.add(request(2, str(i)))
+    step = sched.schedule()
+    assert len(step.requests) == 2 and len(sched.waiting) == 1
+
+
+def test_preemption_frees_the_latest_and_requeues_it_first():
+    sched, pages = make(num_pages=3)  # 12 token slots
+    a, b = request(4, "a"), request(4, "b")
+    sched.add(a)
+    sched.add(b)
+    complete(sched.schedule())  # a: 4 tokens + 1 sampled, b: same; 2 pages used
+    step = sched.schedule()  # both need a second page, only one is free
+    assert [r.request_id for r in step.requests] == ["a"] and step.preempted == [b]
+    assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0 and b.page_ids == []
+    assert sched.waiting[0] is b and b.token_ids[-1] == 7  # sampled tokens are kept for recompute
+    assert pages.num_free_pages == 1
+
+
+def test_finish_frees_pages():
+    sched, pages = make()
+    r = request(5, "r")
+    sched.add(r)
+    sched.schedule()
+    sched.finish(r, RequestStatus.FINISHED_ABORTED)
+    assert pages.num_free_pages == pages.num_pages and not sched.running and r.status.is_finished
