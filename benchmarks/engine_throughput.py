@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import append_results
 
-from prefixserve.config import EngineConfig, ModelConfig  # noqa: E402
-from prefixserve.engine.llm_engine import LLMEngine  # noqa: E402
-from prefixserve.engine.request import SamplingParams  # noqa: E402
-from prefixserve.models.embedded import prepare_embedded_backbone  # noqa: E402
+from prefixserve.config import EngineConfig, ModelConfig
+from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.request import SamplingParams
+from prefixserve.models.embedded import prepare_embedded_backbone
 
 TOPICS = ["a cat", "the sea", "a robot", "mountains", "a library", "the moon", "a baker", "winter"]
 

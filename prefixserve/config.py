@@ -52,6 +52,11 @@ class SchedulerConfig:
                f"sequence can decode each step, found {self.max_num_batched_tokens}")
         expect(self.max_waiting > 0, ConfigError, f"max_waiting must be positive, found {self.max_waiting}")
 
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the engine holds at once (running + waiting); beyond it admission fails with 503."""
+        return self.max_num_seqs + self.max_waiting
+
 
 @dataclass(frozen=True)
 class EngineConfig:

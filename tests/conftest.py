@@ -8,11 +8,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from prefixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from prefixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ two sides talk through a locked inbox (adds, aborts) and per-request asyncio que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -71,14 +72,15 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def _submit(self, request: Request, queue: asyncio.Queue) -> None:
-        limit = self.engine.config.scheduler.max_waiting
+        limit = self.engine.config.scheduler.max_in_flight
         with self._lock:
             if self._error is not None:
                 raise self._error
             if request.request_id in self._streams:
                 raise PrefixServeError(f"request id {request.request_id!r} is already in use")
-            if self._num_pending >= limit + self.engine.config.scheduler.max_num_seqs:
-                raise EngineOverloadedError(f"the engine queue is full ({self._num_pending} requests in flight)")
+            # Counted here, on the caller's side, so the answer never depends on the engine thread's timing.
+            if self._num_pending >= limit:
+                raise EngineOverloadedError(f"the engine queue is full ({limit} requests in flight)")
             self._num_pending += 1
             self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
             self._inbox.append(("add", request))
@@ -142,7 +144,5 @@ class AsyncEngine:
 
 def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> None:
     loop, queue = target
-    try:
+    with contextlib.suppress(RuntimeError):  # the caller's event loop is gone; nobody listens any more
         loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
-        pass

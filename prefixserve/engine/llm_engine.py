@@ -46,7 +46,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
         return cls(load_backbone(config.model), config)
 
     @staticmethod
@@ -92,8 +92,9 @@ class LLMEngine:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
-            raise EngineOverloadedError(f"the engine queue is full ({self.config.scheduler.max_waiting} waiting)")
+        limit = self.config.scheduler.max_in_flight
+        if self.scheduler.num_unfinished >= limit:
+            raise EngineOverloadedError(f"the engine queue is full ({limit} requests in flight)")
         if self.backbone.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, request.prompt_token_ids)
         self.requests[request.request_id] = request
@@ -172,7 +173,8 @@ class LLMEngine:
             visible = detok.text
             if not finished and request.params.stop:
                 # Hold back what could be the start of a stop string until it is decided.
-                visible = visible[:max(request.num_emitted_chars, len(visible) - max(map(len, request.params.stop)) + 1)]
+                held_back = max(map(len, request.params.stop)) - 1
+                visible = visible[:max(request.num_emitted_chars, len(visible) - held_back)]
             new_text = visible[request.num_emitted_chars:]
             request.num_emitted_chars = len(visible)
         return RequestOutput(

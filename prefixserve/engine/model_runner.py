@@ -27,10 +27,14 @@ class ModelRunner:
         a = backbone.arch
         params = next(backbone.model.parameters())
         self.device, self.dtype = params.device, params.dtype
-        # kv_cache: [num_layers, 2 (k, v), num_pages, page_size, Hkv, D]. Zero-filled: masked
-        # slots are still multiplied by 0, and uninitialised memory could hold NaN.
-        self.kv_cache = torch.zeros(a.num_layers, 2, num_pages, page_size, a.num_kv_heads, a.head_dim,
-                                    dtype=self.dtype, device=self.device)
+        # Stored [num_layers, 2 (k, v), Hkv, num_pages, page_size, D] and handed out as views of the
+        # logical shape [num_layers, 2, num_pages, page_size, Hkv, D]: head-major storage lets the
+        # CPU reference gather one contiguous run per (head, sequence); the Triton kernels read
+        # any layout through strides. Zero-filled: masked slots are still multiplied by 0, and
+        # uninitialised memory could hold NaN.
+        storage = torch.zeros(a.num_layers, 2, a.num_kv_heads, num_pages, page_size, a.head_dim,
+                              dtype=self.dtype, device=self.device)
+        self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:

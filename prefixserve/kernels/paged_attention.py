@@ -29,7 +29,7 @@ class PagedAttentionMetadata:
     max_query_len: int  # host-side maxima: launch grids and reference grouping need them without a sync
     max_seq_len: int
     max_prefix_len: int
-    reference_plan: "ReferencePlan | None" = None  # CPU path: gather indices and masks, same for every layer
+    reference_plan: ReferencePlan | None = None  # CPU path: gather indices and masks, same for every layer
 
 
 def paged_attention(
@@ -54,7 +54,7 @@ def paged_attention(
         )
     if meta.reference_plan is None:  # built by the first layer, reused by the others
         meta.reference_plan = ReferencePlan.build(meta.cu_seqlens_q, meta.seq_lens, meta.page_table,
-                                                  meta.prefix_lens, meta.prefix_page_table, k_cache.shape[1])
+                                                  meta.prefix_lens, meta.prefix_page_table, k_cache.shape)
     return _attend(q, k_cache, v_cache, meta.reference_plan, scale)
 
 
@@ -69,39 +69,43 @@ def paged_attention_reference(
     prefix_page_table: torch.Tensor,  # [num_seqs, max_prefix_pages]
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """fp32-accumulated reference. Decode rows are batched (one gather, one matmul per KV head);
-    sequences with several queries are done one at a time with a causal mask."""
+    """fp32-accumulated reference. Decode rows are batched (one gather, one batched matmul over all
+    KV heads and sequences); sequences with several queries go one at a time with a causal mask."""
     _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table)
-    plan = ReferencePlan.build(cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, k_cache.shape[1])
+    plan = ReferencePlan.build(cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, k_cache.shape)
     return _attend(q, k_cache, v_cache, plan, scale)
 
 
 @dataclass
 class ReferencePlan:
-    """Which cache slots each query reads and which of them it may see. Depends only on the batch
-    layout, so one plan serves every layer of a step."""
+    """Which cache rows each query reads and which of them it may see. Depends only on the batch
+    layout, so one plan serves every layer of a step. Rows index the cache viewed head-major as
+    [Hkv * num_slots, D] (row = head * num_slots + slot), so a single dim-0 gather (torch's fast
+    path) fetches every (head, sequence) run contiguously."""
 
     decode_token_idx: torch.Tensor | None  # [n] query rows of sequences with one query
-    decode_slots: torch.Tensor | None  # [n * L] flat cache slots: prefix segment, then own segment
-    decode_bias: torch.Tensor | None  # [n, 1, L] additive mask: 0 visible, -inf padding
-    extends: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n_q, slots [L], visible [n_q, L])
+    decode_rows: torch.Tensor | None  # [Hkv * n * L] per head, per sequence: prefix segment, then own
+    decode_bias: torch.Tensor | None  # [Hkv * n, 1, L] additive mask: 0 visible, -inf padding
+    extends: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (first row, n_q, rows [Hkv * L], visible [n_q, L])
 
     @classmethod
-    def build(cls, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, page_size) -> "ReferencePlan":
+    def build(cls, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, cache_shape) -> ReferencePlan:
+        num_pages, page_size, num_kv_heads = cache_shape[0], cache_shape[1], cache_shape[2]
         device = cu_seqlens_q.device
+        head_offsets = torch.arange(num_kv_heads, device=device)[:, None] * (num_pages * page_size)  # [Hkv, 1]
         starts = cu_seqlens_q[:-1].tolist()
         query_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
         decode = [s for s, n in enumerate(query_lens) if n == 1]
-        token_idx = slots = bias = None
+        token_idx = rows = bias = None
         if decode:
             seq_idx = torch.tensor(decode, device=device)
             token_idx = cu_seqlens_q[:-1].long()[seq_idx]
-            own_lens, pre_lens = seq_lens[seq_idx], prefix_lens[seq_idx]
-            own_slots, own_valid = _segment(page_table[seq_idx], own_lens, page_size)
-            pre_slots, pre_valid = _segment(prefix_page_table[seq_idx], pre_lens, page_size)
-            slots = torch.cat([pre_slots, own_slots], 1).flatten()
+            own_slots, own_valid = _segment(page_table[seq_idx], seq_lens[seq_idx], page_size)
+            pre_slots, pre_valid = _segment(prefix_page_table[seq_idx], prefix_lens[seq_idx], page_size)
+            rows = (head_offsets + torch.cat([pre_slots, own_slots], 1).flatten()[None, :]).flatten()
             visible = torch.cat([pre_valid, own_valid], 1)  # [n, L]
-            bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None, :]
+            bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+            bias = bias[:, None, :].repeat(num_kv_heads, 1, 1)
         extends = []
         for s, n in enumerate(query_lens):
             if n > 1:
@@ -111,8 +115,9 @@ class ReferencePlan:
                 seq_slots = torch.cat([pre_slots[0, :prefix_len], own_slots[0, :seq_len]])
                 query_pos = torch.arange(seq_len - n, seq_len, device=device)[:, None]  # own positions
                 key_pos = torch.arange(-prefix_len, seq_len, device=device)[None, :]  # prefix keys come first
-                extends.append((starts[s], n, seq_slots, key_pos <= query_pos))
-        return cls(token_idx, slots, bias, extends)
+                seq_rows = (head_offsets + seq_slots[None, :]).flatten()
+                extends.append((starts[s], n, seq_rows, key_pos <= query_pos))
+        return cls(token_idx, rows, bias, extends)
 
 
 def _segment(pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,15 +129,21 @@ def _segment(pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> tuple[t
     return slots, valid
 
 
+def head_major_rows(cache: torch.Tensor) -> torch.Tensor:
+    """cache: [num_pages, page_size, Hkv, D] (any strides) -> [Hkv * num_slots, D]. Free when the
+    cache is stored head-major (the engine's CPU layout); a copy for other layouts (tests)."""
+    return cache.permute(2, 0, 1, 3).reshape(-1, cache.shape[3])
+
+
 def _attend(q, k_cache, v_cache, plan: ReferencePlan, scale: float) -> torch.Tensor:
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    num_kv_heads = k_cache.shape[2]
+    k_rows, v_rows = head_major_rows(k_cache), head_major_rows(v_cache)  # [Hkv * num_slots, D]
     out = torch.empty_like(q)
     if plan.decode_token_idx is not None:
-        out[plan.decode_token_idx] = _decode_rows(q[plan.decode_token_idx], k_flat, v_flat, plan, scale)
-    for start, n, slots, visible in plan.extends:
-        out[start:start + n] = _extend_one(q[start:start + n], k_flat, v_flat, slots, visible, scale)
+        out[plan.decode_token_idx] = _decode_rows(q[plan.decode_token_idx], k_rows, v_rows, plan, num_kv_heads,
+                                                  scale)
+    for start, n, rows, visible in plan.extends:
+        out[start:start + n] = _extend_one(q[start:start + n], k_rows, v_rows, rows, visible, num_kv_heads, scale)
     return out
 
 
@@ -153,27 +164,25 @@ def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefi
                          f"{tuple(prefix_lens.shape)}, prefix_page_table {tuple(prefix_page_table.shape)}")
 
 
-def _decode_rows(q, k_flat, v_flat, plan: ReferencePlan, scale):
+def _decode_rows(q, k_rows, v_rows, plan: ReferencePlan, num_kv_heads, scale):
     # q: [n, H, D]; each row is the newest token of its sequence, so only padding is masked.
     n, num_heads, head_dim = q.shape
-    num_kv_heads = k_flat.shape[1]
-    k = k_flat.index_select(0, plan.decode_slots).float().view(n, -1, num_kv_heads, head_dim)  # [n, L, Hkv, D]
-    v = v_flat.index_select(0, plan.decode_slots).float().view(n, -1, num_kv_heads, head_dim)
-    qg = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [n, Hkv, G, D]
-    # One strided bmm per KV head: the [n, L, D] slices are BLAS-compatible views, so nothing is copied.
-    out = [torch.bmm(torch.baddbmm(plan.decode_bias, qg[:, h], k[:, :, h].transpose(1, 2), alpha=scale)
-                     .softmax(-1), v[:, :, h]) for h in range(num_kv_heads)]  # each [n, G, D]
-    return torch.stack(out, 1).reshape(n, num_heads, head_dim).to(q.dtype)
+    group = num_heads // num_kv_heads
+    k = k_rows.index_select(0, plan.decode_rows).float().view(num_kv_heads * n, -1, head_dim)  # [Hkv*n, L, D]
+    v = v_rows.index_select(0, plan.decode_rows).float().view(num_kv_heads * n, -1, head_dim)
+    qg = q.float().view(n, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * n, group, head_dim)
+    probs = torch.baddbmm(plan.decode_bias, qg, k.transpose(1, 2), alpha=scale).softmax(-1)  # [Hkv*n, G, L]
+    out = torch.bmm(probs, v).view(num_kv_heads, n, group, head_dim)
+    return out.transpose(0, 1).reshape(n, num_heads, head_dim).to(q.dtype)
 
 
-def _extend_one(q, k_flat, v_flat, slots, visible, scale):
+def _extend_one(q, k_rows, v_rows, rows, visible, num_kv_heads, scale):
     # q: [n_q, H, D] at own positions seq_len - n_q ... seq_len - 1; visible: [n_q, L].
     n_q, num_heads, head_dim = q.shape
-    num_kv_heads = k_flat.shape[1]
-    k = k_flat.index_select(0, slots).float()  # [L, Hkv, D]
-    v = v_flat.index_select(0, slots).float()
+    k = k_rows.index_select(0, rows).float().view(num_kv_heads, -1, head_dim)  # [Hkv, L, D]
+    v = v_rows.index_select(0, rows).float().view(num_kv_heads, -1, head_dim)
     qg = q.float().view(n_q, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
-    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]).mul_(scale)  # [Hkv, G, n_q, L]
+    scores = torch.matmul(qg, k.transpose(1, 2)[:, None]).mul_(scale)  # [Hkv, G, n_q, L]
     scores.masked_fill_(~visible, float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v.transpose(0, 1)[:, None])  # [Hkv, G, n_q, D]
+    out = torch.matmul(scores.softmax(-1), v[:, None])  # [Hkv, G, n_q, D]
     return out.permute(2, 0, 1, 3).reshape(n_q, num_heads, head_dim).to(q.dtype)

@@ -38,7 +38,7 @@ class LlamaArch:
     qkv_bias: bool = False
 
     @classmethod
-    def from_hf_config(cls, config: PretrainedConfig, qkv_bias: bool = False) -> "LlamaArch":
+    def from_hf_config(cls, config: PretrainedConfig, qkv_bias: bool = False) -> LlamaArch:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
             vocab_size=config.vocab_size, hidden_size=config.hidden_size,

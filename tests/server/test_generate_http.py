@@ -78,12 +78,11 @@ def test_non_finite_temperature_over_http_is_a_400(client):
 
 def test_client_disconnect_aborts_and_frees_pages(server):
     base_url, sync = server
-    with httpx.Client(base_url=base_url, timeout=60) as c:
-        with c.stream("POST", "/v1/generate", json={"prompt": "Tell me a long story.", "max_new_tokens": 2000,
-                                                     "ignore_eos": True, "stream": True}) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    break  # leave after the first token: the connection closes
+    body = {"prompt": "Tell me a long story.", "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=base_url, timeout=60) as c, c.stream("POST", "/v1/generate", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first token: the connection closes
     deadline = time.monotonic() + 20
     while sync.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.05)
