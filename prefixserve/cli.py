@@ -24,6 +24,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots)
+    parser.add_argument("--adapter", action="append", default=[], metavar="TASK=PATH",
+                        help="serve a task from the start: a PEFT adapter folder or .tar/.tar.gz/.zip of one, or a "
+                             "prefixserve .safetensors artifact (repeatable)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -34,7 +38,30 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         num_threads=args.threads,
+        max_lora_slots=args.max_lora_slots,
     )
+
+
+def load_adapters(engine, specs: list[str]) -> None:
+    """Register `TASK=PATH` adapters before serving; a bad one stops the start with its error."""
+    from pathlib import Path
+
+    from prefixserve.adapters_store.peft_import import import_peft
+    from prefixserve.errors import InvalidRequestError
+
+    for spec in specs:
+        task, sep, path = spec.partition("=")
+        if not sep or not task or not path:
+            raise InvalidRequestError(f"--adapter expects TASK=PATH, found {spec!r}")
+        source = Path(path).expanduser()
+        if source.suffix == ".safetensors":
+            data = source.read_bytes()
+        else:
+            data = import_peft(source, arch=engine.backbone.arch, fingerprint=engine.adapters.fingerprint,
+                               limits=engine.config.adapters)
+        artifact = engine.register_adapter(task, data)
+        logging.getLogger("prefixserve").info("task %s: %s adapter, version %s", task, artifact.kind,
+                                              artifact.version[:12])
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -44,7 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.server.app import create_app
 
-    engine = AsyncEngine(LLMEngine.from_config(engine_config(args)))
+    sync_engine = LLMEngine.from_config(engine_config(args))
+    load_adapters(sync_engine, args.adapter)
+    engine = AsyncEngine(sync_engine)
     try:
         uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
     finally:

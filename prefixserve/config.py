@@ -59,8 +59,24 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class AdapterLimits:
+    """Bounds on what a task artifact may hold; anything larger is refused at upload."""
+
+    max_lora_rank: int = 64
+    max_virtual_tokens: int = 512
+    max_intrinsic_dim: int = 1024
+    max_artifact_bytes: int = 256 << 20
+
+    def __post_init__(self):
+        for name in ("max_lora_rank", "max_virtual_tokens", "max_intrinsic_dim", "max_artifact_bytes"):
+            expect(getattr(self, name) > 0, ConfigError, f"{name} must be positive, found {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    adapters: AdapterLimits = field(default_factory=AdapterLimits)
+    max_lora_slots: int = 16  # LoRA adapters resident on the device at once
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default

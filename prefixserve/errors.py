@@ -32,6 +32,19 @@ class InvalidRequestError(PrefixServeError):
     code = "invalid_request"
 
 
+class AdapterError(InvalidRequestError):
+    """An adapter artifact or PEFT upload is malformed, unsafe, or does not fit this backbone."""
+
+    code = "invalid_adapter"
+
+
+class TaskNotFoundError(PrefixServeError):
+    """A request names a task that is not registered (for this tenant)."""
+
+    status_code = 404
+    code = "task_not_found"
+
+
 class EngineOverloadedError(PrefixServeError):
     """The engine's bounded waiting queue is full; the caller should retry later."""
 

@@ -24,3 +24,16 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_token_id
 def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| relative to the largest reference magnitude (logit scale)."""
     return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def capture_logits(engine) -> list[tuple[str | None, list[int], torch.Tensor]]:
+    """Record (task, token prefix, logits row) for every sampled row of every step the engine runs."""
+    seen, execute = [], engine.runner.execute
+
+    def wrapped(step):
+        result = execute(step)
+        seen.extend((r.task, list(r.token_ids), row) for r, row in zip(result.sampling_requests, result.logits))
+        return result
+
+    engine.runner.execute = wrapped
+    return seen

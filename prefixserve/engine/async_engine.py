@@ -5,10 +5,12 @@ two sides talk through a locked inbox (adds, aborts) and per-request asyncio que
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import Request, RequestOutput, SamplingParams
@@ -22,7 +24,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
-        self._inbox: list[tuple[str, Request | str]] = []
+        self._inbox: list[tuple[str, Any]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._num_pending = 0  # accepted but not yet finished: bounds the queue across both sides
         self._error: PrefixServeError | None = None
@@ -41,10 +43,11 @@ class AsyncEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
         tenant: str = "default",
+        task: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Leaving the loop early (a client disconnect)
-        aborts the request, which frees its KV pages."""
-        request = self.engine.make_request(prompt, params, prompt_token_ids, request_id, tenant)
+        aborts the request, which frees its KV pages and its hold on the task's adapter."""
+        request = self.engine.make_request(prompt, params, prompt_token_ids, request_id, tenant, task)
         queue: asyncio.Queue = asyncio.Queue()
         self._submit(request, queue)
         finished = False
@@ -60,6 +63,23 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    async def register_adapter(self, task: str, data: bytes):
+        """Register on the engine thread (compiling a prefix runs the backbone) and await the result."""
+        return await self.call(lambda engine: engine.register_adapter(task, data))
+
+    async def unregister_adapter(self, task: str) -> None:
+        await self.call(lambda engine: engine.unregister_adapter(task))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(engine) between two steps on the engine thread."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            self._inbox.append(("call", (fn, future)))
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -112,6 +132,12 @@ class AsyncEngine:
                     self.engine.add(item)
                 except PrefixServeError as exc:
                     self._deliver_error(item.request_id, exc)
+            elif kind == "call":
+                fn, future = item
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # handed to the awaiting caller, the loop goes on
+                    future.set_exception(exc)
             else:
                 output = self.engine.abort(item)
                 if output is not None:
@@ -138,6 +164,10 @@ class AsyncEngine:
         with self._lock:
             self._error = error
             request_ids = list(self._streams)
+            calls = [item for kind, item in self._inbox if kind == "call"]
+            self._inbox = []
+        for _, future in calls:
+            future.set_exception(error)
         for request_id in request_ids:
             self._deliver_error(request_id, error)
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.adapters_store.format import Artifact
 from prefixserve.config import EngineConfig
+from prefixserve.engine.adapters import AdapterManager
 from prefixserve.engine.detokenizer import IncrementalDetokenizer
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
@@ -41,7 +43,8 @@ class LLMEngine:
         num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
         self.pages = KVPageManager(num_pages, page_size)
         self.scheduler = Scheduler(config.scheduler, self.pages)
-        self.runner = ModelRunner(backbone, num_pages, page_size)
+        self.runner = ModelRunner(backbone, num_pages, page_size, config.max_lora_slots, config.adapters.max_lora_rank)
+        self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters)
         self.sampler = Sampler(backbone.eos_token_ids)
         self.requests: dict[str, Request] = {}
 
@@ -64,6 +67,7 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
         tenant: str = "default",
+        task: str | None = None,
     ) -> Request:
         """Tokenize and validate; touches no engine state (safe from any thread)."""
         if (prompt is None) == (prompt_token_ids is None):
@@ -80,14 +84,18 @@ class LLMEngine:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), found "
                                       f"{next(t for t in ids if not (isinstance(t, int) and 0 <= t < vocab))!r}")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
-                                      f"(prompt plus at least one new token)")
+        self._check_fits(len(ids), self.adapters.prefix_len(task))
         total = min(len(ids) + params.max_new_tokens, self.max_model_len)
         if self.pages.pages_for(total) > self.pages.num_pages:
             raise InvalidRequestError(f"the request needs up to {total} tokens of KV cache, more than the whole "
                                       f"pool ({self.pages.num_pages * self.pages.page_size} tokens)")
-        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant)
+        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task)
+
+    def _check_fits(self, num_prompt_tokens: int, prefix_len: int) -> None:
+        if prefix_len + num_prompt_tokens >= self.max_model_len:
+            task_part = f" after the task's {prefix_len} virtual tokens" if prefix_len else ""
+            raise InvalidRequestError(f"the prompt has {num_prompt_tokens} tokens{task_part} but the context holds "
+                                      f"{self.max_model_len} (prompt plus at least one new token)")
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -95,6 +103,13 @@ class LLMEngine:
         limit = self.config.scheduler.max_in_flight
         if self.scheduler.num_unfinished >= limit:
             raise EngineOverloadedError(f"the engine queue is full ({limit} requests in flight)")
+        # Pin the task's version now: a re-upload from here on only affects later requests.
+        request.adapter = self.adapters.acquire(request.task)
+        try:
+            self._check_fits(request.num_prompt_tokens, request.adapter.prefix_len if request.adapter else 0)
+        except InvalidRequestError:
+            self.adapters.release(request.adapter)
+            raise
         if self.backbone.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, request.prompt_token_ids)
         self.requests[request.request_id] = request
@@ -107,11 +122,24 @@ class LLMEngine:
         return request
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
-        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
         return self._output(request, [], None)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self.adapters.release(request.adapter)
+        del self.requests[request.request_id]
+
+    # ---- tasks -------------------------------------------------------------------------------
+    def register_adapter(self, task: str, data: bytes) -> Artifact:
+        """Validate an adapter artifact and serve it as `task` from the next request on."""
+        return self.adapters.register(task, data)
+
+    def unregister_adapter(self, task: str) -> None:
+        self.adapters.unregister(task)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -140,8 +168,7 @@ class LLMEngine:
         delta = detok.add(token) if detok is not None else ""
         status = self._check_stop(request, token, delta)
         if status is not None:
-            self.scheduler.finish(request, status)
-            del self.requests[request.request_id]
+            self._finish(request, status)
         return self._output(request, [token], logprob if request.params.logprobs else None)
 
     def _check_stop(self, request: Request, token: int, delta: str) -> RequestStatus | None:
@@ -161,7 +188,8 @@ class LLMEngine:
                 at, request.stop_reason = min(hits)
                 detok.text = detok.text[:at]
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+        prefix_len = request.adapter.prefix_len if request.adapter is not None else 0
+        if request.num_output_tokens >= params.max_new_tokens or prefix_len + request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -185,13 +213,14 @@ class LLMEngine:
         )
 
     # ---- offline convenience -------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams()
-                 ) -> list[Completion]:
-        """Run every prompt to completion in one continuous batch (tests, benchmarks, CLI)."""
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams(),
+                 tasks: list[str | None] | None = None) -> list[Completion]:
+        """Run every prompt to completion in one continuous batch (tests, benchmarks, CLI);
+        tasks[i] (None = plain backbone) steers prompt i."""
         order = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             kwargs = {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
-            order.append(self.add_request(params=params, **kwargs))
+            order.append(self.add_request(params=params, task=tasks[i] if tasks else None, **kwargs))
         while self.has_unfinished():
             self.step()
         return [self.completion(r) for r in order]

@@ -1,5 +1,5 @@
-"""Owns the KV pool tensor; turns a SchedulerOutput into flat varlen batch metadata and runs the
-backbone. Only the rows that will be sampled reach the LM head."""
+"""Owns the device state (KV pool, LoRA slots); turns a SchedulerOutput into flat varlen batch
+metadata and runs the backbone. Only the rows that will be sampled reach the LM head."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prefixserve.engine.lora_slots import LoRASlots
 from prefixserve.engine.request import Request
 from prefixserve.engine.scheduler import SchedulerOutput
+from prefixserve.kernels.kv_store import store_kv
+from prefixserve.kernels.lora import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
+from prefixserve.models.llama import LoRAStep
 from prefixserve.models.loader import Backbone
 
 
@@ -21,7 +25,7 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, backbone: Backbone, num_pages: int, page_size: int):
+    def __init__(self, backbone: Backbone, num_pages: int, page_size: int, max_lora_slots: int, max_lora_rank: int):
         self.backbone = backbone
         self.page_size = page_size
         a = backbone.arch
@@ -35,6 +39,7 @@ class ModelRunner:
         storage = torch.zeros(a.num_layers, 2, a.num_kv_heads, num_pages, page_size, a.head_dim,
                               dtype=self.dtype, device=self.device)
         self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
+        self.lora_slots = LoRASlots(a, max_lora_slots, max_lora_rank, self.dtype, self.device)
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:
@@ -43,30 +48,76 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, logits_indices, sampling = self._prepare(step)
+        input_ids, positions, meta, lora, logits_indices, sampling = self._prepare(step)
         model = self.backbone.model
-        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache)  # [T, hidden]
+        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora)  # [T, hidden]
         return StepResult(model.compute_logits(hidden[logits_indices]), sampling)
 
+    # ---- compiling task prefixes ---------------------------------------------------------------
+    @torch.inference_mode()
+    def write_prefix(self, keys: torch.Tensor, values: torch.Tensor, page_ids: list[int]) -> None:
+        """keys, values: [num_layers, P, Hkv, D] as they sit in the cache (prefix tuning)."""
+        slots = self._slots(page_ids, 0, keys.shape[1])
+        for layer in range(keys.shape[0]):
+            store_kv(keys[layer].to(self.device), values[layer].to(self.device),
+                     self.kv_cache[layer, 0], self.kv_cache[layer, 1], slots)
+
+    @torch.inference_mode()
+    def prefill_embeddings(self, embeddings: torch.Tensor, page_ids: list[int]) -> None:
+        """Run the backbone over a soft prompt [P, hidden] at positions 0..P-1, writing its K/V into
+        page_ids. Attention is causal, so this KV is what every request of the task would compute."""
+        num_tokens = embeddings.shape[0]
+        device = self.device
+        meta = PagedAttentionMetadata(
+            slot_mapping=self._slots(page_ids, 0, num_tokens),
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+            page_table=torch.tensor([page_ids], dtype=torch.int32, device=device),
+            prefix_lens=torch.zeros(1, dtype=torch.int32, device=device),
+            prefix_page_table=torch.zeros(1, 0, dtype=torch.int32, device=device),
+            max_query_len=num_tokens, max_seq_len=num_tokens, max_prefix_len=0,
+        )
+        positions = torch.arange(num_tokens, device=device)
+        self.backbone.model(embeddings.to(device=device, dtype=self.dtype), positions, meta, self.kv_cache)
+
+    def _slots(self, page_ids: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        pages = torch.tensor(page_ids, dtype=torch.long)
+        return (pages[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.device)
+
+    # ---- batch metadata ----------------------------------------------------------------------
     def _prepare(self, step: SchedulerOutput):
         page_size = self.page_size
         num_seqs = len(step.requests)
-        token_chunks, position_chunks, slot_chunks = [], [], []
+        token_chunks, position_chunks, slot_chunks, lora_chunks = [], [], [], []
         cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int32)
         seq_lens = np.zeros(num_seqs, dtype=np.int32)
+        prefix_lens = np.zeros(num_seqs, dtype=np.int32)
+        handles = [r.adapter for r in step.requests]
         max_pages = max(len(r.page_ids) for r in step.requests)
+        max_prefix_pages = max((len(h.prefix_pages) for h in handles if h is not None), default=0)
         page_table = np.zeros((num_seqs, max_pages), dtype=np.int32)
+        prefix_page_table = np.zeros((num_seqs, max_prefix_pages), dtype=np.int32)
         logits_indices, sampling = [], []
+        any_lora = False
         for s, (request, n) in enumerate(zip(step.requests, step.num_new_tokens)):
             start = request.num_computed_tokens
             pages = np.asarray(request.page_ids, dtype=np.int64)
-            pos = np.arange(start, start + n, dtype=np.int64)
+            pos = np.arange(start, start + n, dtype=np.int64)  # own positions (index into own pages)
+            handle = handles[s]
+            prefix_len = handle.prefix_len if handle is not None else 0
             token_chunks.append(request.token_ids[start:start + n])
-            position_chunks.append(pos)
+            position_chunks.append(pos + prefix_len)  # real tokens start after the task's virtual tokens
             slot_chunks.append(pages[pos // page_size] * page_size + pos % page_size)
+            lora_slot = handle.lora_slot if handle is not None else -1
+            lora_chunks.append(np.full(n, lora_slot, dtype=np.int64))
+            any_lora |= lora_slot >= 0
             cu_seqlens[s + 1] = cu_seqlens[s] + n
             seq_lens[s] = start + n
             page_table[s, :len(pages)] = pages
+            if prefix_len:
+                prefix_lens[s] = prefix_len
+                prefix_page_table[s, :len(handle.prefix_pages)] = handle.prefix_pages
             if start + n == request.num_tokens:
                 logits_indices.append(cu_seqlens[s + 1] - 1)
                 sampling.append(request)
@@ -76,10 +127,16 @@ class ModelRunner:
             cu_seqlens_q=torch.from_numpy(cu_seqlens).to(device),
             seq_lens=torch.from_numpy(seq_lens).to(device),
             page_table=torch.from_numpy(page_table).to(device),
-            prefix_lens=torch.zeros(num_seqs, dtype=torch.int32, device=device),
-            prefix_page_table=torch.zeros(num_seqs, 0, dtype=torch.int32, device=device),
-            max_query_len=max(step.num_new_tokens), max_seq_len=int(seq_lens.max()), max_prefix_len=0,
+            prefix_lens=torch.from_numpy(prefix_lens).to(device),
+            prefix_page_table=torch.from_numpy(prefix_page_table).to(device),
+            max_query_len=max(step.num_new_tokens), max_seq_len=int(seq_lens.max()),
+            max_prefix_len=int(prefix_lens.max()),
         )
+        lora = None
+        if any_lora:  # plain and prompt-style batches skip every LoRA op
+            token_slots = torch.from_numpy(np.concatenate(lora_chunks)).to(device)
+            lora = LoRAStep(lora_batch_metadata(token_slots), self.lora_slots.stacks, self.lora_slots.scaling)
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
-        return input_ids, positions, meta, torch.tensor(logits_indices, dtype=torch.long, device=device), sampling
+        logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)
+        return input_ids, positions, meta, lora, logits_indices, sampling

@@ -15,6 +15,7 @@ import torch
 from prefixserve.errors import InvalidRequestError, expect
 
 if TYPE_CHECKING:
+    from prefixserve.engine.adapters import AdapterHandle
     from prefixserve.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -95,12 +96,14 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     tenant: str = "default"
+    task: str | None = None  # None = the plain backbone
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     page_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | int | None = None
+    adapter: AdapterHandle | None = None  # the task version pinned at admission, held to the end
     detokenizer: IncrementalDetokenizer | None = None  # None when the backbone has no tokenizer
     num_emitted_chars: int = 0  # text already streamed (stop-string hold-back keeps it behind)
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prefixserve.kernels.paged_attention import check_attention_geometry
+
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64  # bounds the reduce kernel's tile
 
@@ -150,18 +152,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def check_paged_inputs(q, k_cache, v_cache, seq_lens, page_table, prefix_lens, prefix_page_table, num_seqs) -> None:
     """Shape, dtype and layout checks shared by the Triton attention launchers."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [T, H, D] and k/v caches [pages, page_size, Hkv, D] of one shape, "
-                         f"found q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    check_attention_geometry(q, k_cache, v_cache)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
             or v_cache.dtype != q.dtype:
         raise ValueError(f"expected q, k_cache, v_cache of one dtype among fp16/bf16/fp32, found "
                          f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"expected cache head_dim {head_dim} and num_heads divisible by num_kv_heads, found "
-                         f"cache head_dim {k_cache.shape[3]}, {num_heads} heads / {num_kv_heads} kv heads")
+    head_dim = q.shape[2]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"expected head_dim a power of two >= 16, found {head_dim}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():

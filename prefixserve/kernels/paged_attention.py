@@ -147,7 +147,8 @@ def _attend(q, k_cache, v_cache, plan: ReferencePlan, scale: float) -> torch.Ten
     return out
 
 
-def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table) -> None:
+def check_attention_geometry(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [T, H, D] against k/v caches [pages, page_size, Hkv, D]: shared by the reference and the launchers."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"expected q [T, H, D] and k/v caches [pages, page_size, Hkv, D] of one shape, "
                          f"found q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -156,6 +157,10 @@ def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefi
     if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"expected head_dim {head_dim} and num_heads divisible by num_kv_heads, "
                          f"found cache head_dim {k_cache.shape[3]}, {num_heads} heads / {num_kv_heads} kv heads")
+
+
+def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table) -> None:
+    check_attention_geometry(q, k_cache, v_cache)
     num_seqs = seq_lens.shape[0]
     if (cu_seqlens_q.shape[0] != num_seqs + 1 or page_table.shape[0] != num_seqs
             or prefix_lens.shape[0] != num_seqs or prefix_page_table.shape[0] != num_seqs):

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from prefixserve.errors import ModelLoadError
 from prefixserve.kernels.kv_store import store_kv
+from prefixserve.kernels.lora import LoRABatchMetadata, add_lora
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 
@@ -49,6 +50,22 @@ class LlamaArch:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             max_position_embeddings=config.max_position_embeddings, qkv_bias=qkv_bias,
         )
+
+
+@dataclass
+class LoRAStep:
+    """This step's batched LoRA: tokens grouped by adapter slot, and the slot stacks per target
+    (a [num_layers, num_slots, max_rank, in], b [num_layers, num_slots, out, max_rank])."""
+
+    meta: LoRABatchMetadata
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: torch.Tensor  # [num_slots] fp32
+
+    def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += scaling * (x @ A^T) @ B^T per token, in place; y may be a column slice of a fused output."""
+        if target in self.stacks:
+            a, b = self.stacks[target]
+            add_lora(x, y, a[layer], b[layer], self.scaling, self.meta)
 
 
 def rope_tables(config: PretrainedConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +104,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: LlamaArch):
+    def __init__(self, arch: LlamaArch, index: int):
         super().__init__()
         self.arch = arch
+        self.index = index
         qkv_out = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.qkv_proj = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
@@ -99,21 +117,39 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
         self.scale = arch.head_dim ** -0.5
 
-    def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache):
+    def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache, lora: LoRAStep | None):
         # hidden: [T, hidden]; cos, sin: [T, 1, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D]
         a = self.arch
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [T, (H + 2 Hkv) * D]
+        x = self.input_layernorm(hidden)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        if lora is not None:
+            q_end, k_end = a.num_heads * a.head_dim, (a.num_heads + a.num_kv_heads) * a.head_dim
+            lora.apply(self.index, "q_proj", x, qkv[:, :q_end])
+            lora.apply(self.index, "k_proj", x, qkv[:, q_end:k_end])
+            lora.apply(self.index, "v_proj", x, qkv[:, k_end:])
         qk, v = qkv.split([(a.num_heads + a.num_kv_heads) * a.head_dim, a.num_kv_heads * a.head_dim], dim=-1)
         qk = qk.view(num_tokens, a.num_heads + a.num_kv_heads, a.head_dim)
         qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys in one pass
         q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]
         v = v.view(num_tokens, a.num_kv_heads, a.head_dim)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        hidden = hidden + self.o_proj(attn.view(num_tokens, a.num_heads * a.head_dim))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale).view(num_tokens, -1)  # [T, H * D]
+        out = self.o_proj(attn)
+        if lora is not None:
+            lora.apply(self.index, "o_proj", attn, out)
+        hidden = hidden + out
+        x = self.post_attention_layernorm(hidden)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if lora is not None:
+            lora.apply(self.index, "gate_proj", x, gate_up[:, :a.intermediate_size])
+            lora.apply(self.index, "up_proj", x, gate_up[:, a.intermediate_size:])
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        out = self.down_proj(act)
+        if lora is not None:
+            lora.apply(self.index, "down_proj", act, out)
+        return hidden + out
 
 
 class LlamaModel(nn.Module):
@@ -124,7 +160,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         # Tables come in built (see rope_tables) so the model can be constructed on the meta device.
@@ -144,13 +180,14 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [T] int64
         meta: PagedAttentionMetadata,
         kv_cache: torch.Tensor,  # [num_layers, 2, num_pages, page_size, Hkv, D]
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:  # [T, hidden], before the final norm
         dtype = input_embeds.dtype
         cos = self.rope_cos[positions].to(dtype)[:, None, :]  # [T, 1, D]
         sin = self.rope_sin[positions].to(dtype)[:, None, :]
         hidden = input_embeds
         for layer, layer_cache in zip(self.layers, kv_cache):
-            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1])
+            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1], lora)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.errors import InvalidRequestError, PrefixServeError
 from prefixserve.server.errors import error_response, install_error_handlers
 from prefixserve.server.protocol import GenerateRequest, GenerateResponse
-
-BASE_TASK = "base"
 
 
 def create_app(engine: AsyncEngine) -> FastAPI:
@@ -37,14 +36,13 @@ def create_app(engine: AsyncEngine) -> FastAPI:
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest):
         task = body.task or BASE_TASK
-        if task not in (BASE_TASK, backbone.name):
-            raise InvalidRequestError(f"unknown task {task!r}; this server serves only {BASE_TASK!r} so far")
+        engine_task = None if task in (BASE_TASK, backbone.name) else task
         params = _sampling_params(body)
         prompt, prompt_ids = body.prompt, None
         if body.messages is not None:
             prompt, prompt_ids = None, _chat_prompt_ids(backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
-        outputs = engine.generate(prompt, params, prompt_ids, request_id)
+        outputs = engine.generate(prompt, params, prompt_ids, request_id, task=engine_task)
         if body.stream:
             first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
             return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")

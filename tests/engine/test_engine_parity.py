@@ -3,7 +3,7 @@ in one continuous batch with staggered arrivals, chunked prefill and preemption.
 
 import pytest
 import torch
-from helpers import hf_greedy, max_rel_error, random_prompts
+from helpers import capture_logits, hf_greedy, max_rel_error, random_prompts
 
 from prefixserve.engine.request import SamplingParams
 from prefixserve.errors import InvalidRequestError
@@ -26,19 +26,6 @@ def run_staggered(engine, prompts, params, arrivals):
     return requests
 
 
-def capture_logits(engine):
-    """Record (token prefix, logits row) for every sampled row of every step."""
-    seen, execute = [], engine.runner.execute
-
-    def wrapped(step):
-        result = execute(step)
-        seen.extend((list(r.token_ids), row) for r, row in zip(result.sampling_requests, result.logits))
-        return result
-
-    engine.runner.execute = wrapped
-    return seen
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_hf):
     prompts = random_prompts(LENGTHS)
@@ -59,7 +46,7 @@ def test_continuous_batch_with_staggered_arrivals_matches(make_tiny_engine, refe
     requests = run_staggered(engine, prompts, GREEDY, arrivals=[0, 0, 1, 3, 3, 4, 9, 10])
     assert [r.output_token_ids for r in requests] == expected
     with torch.inference_mode():
-        worst = max(max_rel_error(row, tiny_hf(torch.tensor([prefix])).logits[0, -1]) for prefix, row in seen)
+        worst = max(max_rel_error(row, tiny_hf(torch.tensor([prefix])).logits[0, -1]) for _, prefix, row in seen)
     assert len(seen) == len(prompts) * GREEDY.max_new_tokens
     assert worst < 1e-4
     assert engine.pages.num_free_pages == engine.pages.num_pages

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import hf_greedy, max_rel_error
+from helpers import capture_logits, hf_greedy, max_rel_error
 
 from prefixserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from prefixserve.engine.llm_engine import LLMEngine
@@ -49,14 +49,7 @@ def test_greedy_one_at_a_time_matches_transformers(smollm2, prompt_ids, expected
 
 def test_greedy_in_one_running_batch_matches_transformers(smollm2, smollm2_hf, prompt_ids, expected):
     e = engine(smollm2, max_num_seqs=16, max_num_batched_tokens=64)  # chunked prefill for the long ones
-    seen, execute = [], e.runner.execute
-
-    def capture(step):
-        result = execute(step)
-        seen.extend((list(r.token_ids), row) for r, row in zip(result.sampling_requests, result.logits))
-        return result
-
-    e.runner.execute = capture
+    seen = capture_logits(e)
     params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0)
     requests, step = [], 0
     while len(requests) < len(prompt_ids) or e.has_unfinished():
@@ -66,7 +59,8 @@ def test_greedy_in_one_running_batch_matches_transformers(smollm2, smollm2_hf, p
         step += 1
     assert [r.output_token_ids for r in requests] == expected
     with torch.inference_mode():
-        worst = max(max_rel_error(row, smollm2_hf(torch.tensor([prefix])).logits[0, -1]) for prefix, row in seen[::7])
+        worst = max(max_rel_error(row, smollm2_hf(torch.tensor([prefix])).logits[0, -1])
+                    for _, prefix, row in seen[::7])
     assert worst < 1e-4
 
 

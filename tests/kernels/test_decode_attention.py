@@ -59,7 +59,7 @@ def test_decode_rejects_bad_shapes_with_expected_and_found():
     batch = make_batch(*CASES["prefix_of_one"], num_heads=4, num_kv_heads=2, head_dim=16)
     args = list(_decode_args(batch))
     args[0] = args[0][..., :8].contiguous()  # head_dim 8 vs cache 16
-    with pytest.raises(ValueError, match="expected cache head_dim 8.*found cache head_dim 16"):
+    with pytest.raises(ValueError, match="expected head_dim 8.*found cache head_dim 16"):
         decode_attention(*args)
     args = list(_decode_args(batch))
     args[1] = args[1].half()

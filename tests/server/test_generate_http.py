@@ -60,7 +60,6 @@ def test_stop_string_is_cut_from_text_and_stream(client):
     ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"prompt": "hi", "temperature": -1}, "temperature must be a finite number >= 0"),
     ({"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, "exactly one of 'prompt' or 'messages'"),
-    ({"prompt": "hi", "task": "nope"}, "unknown task 'nope'"),
     ({"prompt": "word " * 9000}, "context holds 8192"),
 ])
 def test_bad_input_is_a_400_with_a_clear_message(client, body, message):
@@ -68,6 +67,11 @@ def test_bad_input_is_a_400_with_a_clear_message(client, body, message):
     assert resp.status_code == 400, resp.text
     assert message in resp.json()["error"]["message"]
     assert client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_unknown_task_is_a_404(client):
+    resp = client.post("/v1/generate", json={"prompt": "hi", "task": "nope"})
+    assert resp.status_code == 404 and "task 'nope' is not registered" in resp.json()["error"]["message"]
 
 
 def test_non_finite_temperature_over_http_is_a_400(client):

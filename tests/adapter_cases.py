@@ -1,0 +1,75 @@
+"""PEFT adapters made by peft itself, for parity tests: one factory per served configuration."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import (
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
+
+CAUSAL = TaskType.CAUSAL_LM
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_configs(tokenizer_dir: Path) -> dict[str, object]:
+    return {
+        "prefix": PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=5),
+        "prefix-projection": PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=7, prefix_projection=True,
+                                                encoder_hidden_size=48),
+        "prompt-random": PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=6,
+                                            prompt_tuning_init=PromptTuningInit.RANDOM),
+        "prompt-text": PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=8,
+                                          prompt_tuning_init=PromptTuningInit.TEXT,
+                                          prompt_tuning_init_text="Classify the review as positive or negative:",
+                                          tokenizer_name_or_path=str(tokenizer_dir)),
+        "ptuning-mlp": PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=4, encoder_hidden_size=48,
+                                           encoder_reparameterization_type="MLP"),
+        "ptuning-lstm": PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=3, encoder_hidden_size=48,
+                                            encoder_reparameterization_type="LSTM"),
+        "lora-attention": LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False),
+        "lora-all-linear": LoraConfig(task_type=CAUSAL, r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                                      use_rslora=True, init_lora_weights=False),
+    }
+
+
+def make_peft_adapter(base, config, out_dir: Path, seed: int) -> PeftModel:
+    """Create the adapter on a copy of `base` with random non-zero weights, save it with peft, and
+    load it back the way a user would: the saved folder is what we import and the loaded model is the
+    reference."""
+    torch.manual_seed(seed)
+    # LoRA injects layers into the model it wraps; prompt learning leaves the base untouched, so
+    # those adapters share it (a SmolLM2 copy per adapter would cost 0.5 GB each).
+    own_base = (lambda: copy.deepcopy(base)) if isinstance(config, LoraConfig) else (lambda: base)
+    model = get_peft_model(own_base(), copy.deepcopy(config))
+    with torch.no_grad():  # P-tuning / projection encoders start near zero: make them matter
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out_dir)
+    return PeftModel.from_pretrained(own_base(), out_dir).eval()
+
+
+@torch.inference_mode()
+def peft_greedy(model: PeftModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                                                                                         dtype=torch.long),
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, -max_new_tokens:].tolist()
+
+
+@torch.inference_mode()
+def peft_last_logits(model: PeftModel, token_ids: list[int]) -> torch.Tensor:
+    ids = torch.tensor([token_ids])
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]

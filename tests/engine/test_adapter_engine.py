@@ -1,0 +1,140 @@
+"""Adapters inside the engine: IPT decoding, shared prefix pages, version pinning, refusals."""
+
+import pytest
+import torch
+from helpers import random_prompts
+
+from prefixserve.adapters_store.format import encode_artifact
+from prefixserve.adapters_store.kinds import get_kind
+from prefixserve.config import CacheConfig, EngineConfig
+from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.request import SamplingParams
+from prefixserve.errors import AdapterError, EngineOverloadedError, InvalidRequestError, TaskNotFoundError
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
+
+
+@pytest.fixture
+def engine(tiny_backbone):
+    return LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64), max_lora_slots=2))
+
+
+def artifact(engine, kind, config, tensors):
+    return encode_artifact(kind, config, tensors, engine.adapters.fingerprint)
+
+
+def prefix_artifact(engine, num_tokens, seed):
+    a = engine.backbone.arch
+    g = torch.Generator().manual_seed(seed)
+    shape = (a.num_layers, num_tokens, a.num_kv_heads, a.head_dim)
+    return artifact(engine, "prefix", {"num_virtual_tokens": num_tokens},
+                    {"keys": torch.randn(shape, generator=g), "values": torch.randn(shape, generator=g)})
+
+
+def lora_artifact(engine, seed, rank=2):
+    a = engine.backbone.arch
+    g = torch.Generator().manual_seed(seed)
+    q_out = a.num_heads * a.head_dim
+    tensors = {f"layers.{i}.q_proj.lora_a": torch.randn(rank, a.hidden_size, generator=g) for i in range(a.num_layers)}
+    tensors |= {f"layers.{i}.q_proj.lora_b": torch.randn(q_out, rank, generator=g) for i in range(a.num_layers)}
+    return artifact(engine, "lora", {"rank": rank, "alpha": 4.0, "use_rslora": False, "targets": ["q_proj"]}, tensors)
+
+
+def run(engine, prompt, task):
+    return engine.generate([prompt], GREEDY, tasks=[task])[0]
+
+
+def test_intrinsic_serves_exactly_the_decoded_soft_prompt(engine):
+    a = engine.backbone.arch
+    g = torch.Generator().manual_seed(0)
+    d, hidden_dec, num_tokens = 5, 32, 4
+    decoder = {"decoder.0.weight": torch.randn(hidden_dec, d, generator=g) * 0.3,
+               "decoder.0.bias": torch.randn(hidden_dec, generator=g) * 0.1,
+               "decoder.2.weight": torch.randn(num_tokens * a.hidden_size, hidden_dec, generator=g) * 0.3,
+               "decoder.2.bias": torch.randn(num_tokens * a.hidden_size, generator=g) * 0.1}
+    subspace_config = {"intrinsic_dim": d, "num_virtual_tokens": num_tokens, "decoder_hidden": hidden_dec}
+    subspace = engine.register_adapter("ipt-subspace", artifact(engine, "subspace", subspace_config, decoder))
+    z = torch.randn(d, generator=g)
+    engine.register_adapter("ipt-task", artifact(engine, "intrinsic", {"subspace_version": subspace.version},
+                                                 {"z": z}))
+    soft_prompt = get_kind("subspace").decode(decoder, z, subspace_config)  # [P, hidden]
+    engine.register_adapter("as-prompt", artifact(engine, "prompt", {"num_virtual_tokens": num_tokens},
+                                                  {"embeddings": soft_prompt}))
+    prompt = random_prompts([7], seed=1)[0]
+    ipt, reference, plain = run(engine, prompt, "ipt-task"), run(engine, prompt, "as-prompt"), run(engine, prompt, None)
+    assert ipt.token_ids == reference.token_ids and ipt.logprobs == reference.logprobs
+    assert ipt.logprobs != plain.logprobs  # the soft prompt really steers the model
+    with pytest.raises(InvalidRequestError, match="subspace"):
+        engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="ipt-subspace")
+
+
+def test_intrinsic_without_its_subspace_is_refused(engine):
+    data = artifact(engine, "intrinsic", {"subspace_version": "ab" * 32}, {"z": torch.randn(5)})
+    free = engine.pages.num_free_pages
+    with pytest.raises(AdapterError, match="not registered"):
+        engine.register_adapter("lonely", data)
+    assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free
+
+
+def test_requests_of_one_prefix_task_share_one_copy(engine):
+    engine.register_adapter("shared", prefix_artifact(engine, num_tokens=20, seed=2))
+    (handle,) = engine.adapters._resident.values()
+    assert len(handle.prefix_pages) == 2 and [engine.pages.ref_count(p) for p in handle.prefix_pages] == [1, 1]
+    requests = [engine.add_request(prompt_token_ids=p, params=GREEDY, task="shared")
+                for p in random_prompts([3, 5, 8, 13, 21], seed=3)]
+    engine.step()
+    assert [engine.pages.ref_count(p) for p in handle.prefix_pages] == [6, 6]  # the manager + 5 requests
+    used_by_requests = sum(len(r.page_ids) for r in requests)
+    assert engine.pages.num_free_pages == engine.pages.num_pages - 2 - used_by_requests
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.pages.ref_count(p) for p in handle.prefix_pages] == [1, 1]
+    engine.unregister_adapter("shared")
+    assert engine.pages.num_free_pages == engine.pages.num_pages
+
+
+def test_running_request_keeps_its_version_across_a_reupload(engine):
+    prompt = random_prompts([6], seed=4)[0]
+    v1, v2 = prefix_artifact(engine, 5, seed=10), prefix_artifact(engine, 9, seed=11)
+    engine.register_adapter("task", v1)
+    v1_alone = run(engine, prompt, "task")
+    engine.register_adapter("task", v2)
+    v2_alone = run(engine, prompt, "task")
+    assert v1_alone.token_ids != v2_alone.token_ids or v1_alone.logprobs != v2_alone.logprobs
+
+    engine.register_adapter("task", v1)
+    old = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="task")
+    engine.step()
+    engine.register_adapter("task", v2)  # hot swap while `old` is running
+    new = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="task")
+    assert len(engine.adapters._resident) == 2  # v1 stays while its request runs
+    while engine.has_unfinished():
+        engine.step()
+    assert old.output_token_ids == v1_alone.token_ids  # batched with `new`, so logprobs agree to float noise
+    assert torch.allclose(torch.tensor(old.logprobs), torch.tensor(v1_alone.logprobs), atol=1e-5)
+    assert new.output_token_ids == v2_alone.token_ids
+    assert len(engine.adapters._resident) == 1  # v1 freed with its last request
+
+
+def test_unknown_task_and_bad_bytes_leave_no_state(engine):
+    with pytest.raises(TaskNotFoundError, match="'missing' is not registered"):
+        engine.add_request(prompt_token_ids=[5, 6], params=GREEDY, task="missing")
+    free = engine.pages.num_free_pages
+    with pytest.raises(AdapterError):
+        engine.register_adapter("junk", b"definitely not safetensors")
+    with pytest.raises(InvalidRequestError, match="task names"):
+        engine.register_adapter("base", prefix_artifact(engine, 4, seed=5))
+    assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free and not engine.has_unfinished()
+
+
+def test_lora_slots_are_bounded(engine):
+    engine.register_adapter("lora-a", lora_artifact(engine, seed=1))
+    engine.register_adapter("lora-b", lora_artifact(engine, seed=2))
+    with pytest.raises(EngineOverloadedError, match="LoRA slots"):
+        engine.register_adapter("lora-c", lora_artifact(engine, seed=3))
+    assert sorted(engine.adapters.tasks()) == ["lora-a", "lora-b"]
+    engine.unregister_adapter("lora-a")  # frees its slot
+    engine.register_adapter("lora-c", lora_artifact(engine, seed=3))
+    prompt = random_prompts([5], seed=6)[0]
+    b, c, plain = run(engine, prompt, "lora-b"), run(engine, prompt, "lora-c"), run(engine, prompt, None)
+    assert len({tuple(b.logprobs), tuple(c.logprobs), tuple(plain.logprobs)}) == 3
