@@ -7,7 +7,14 @@ import logging
 import os
 import sys
 
-from prefixserve.config import EMBEDDED_BACKBONE, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from prefixserve.config import (
+    EMBEDDED_BACKBONE,
+    AdapterLimits,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +31,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots)
+    parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots,
+                        help="LoRA adapters resident at once")
+    parser.add_argument("--max-lora-rank", type=int, default=AdapterLimits.max_lora_rank,
+                        help="largest LoRA rank accepted; the slot stacks are sized by it")
     parser.add_argument("--adapter", action="append", default=[], metavar="TASK=PATH",
                         help="serve a task from the start: a PEFT adapter folder or .tar/.tar.gz/.zip of one, or a "
                              "prefixserve .safetensors artifact (repeatable)")
@@ -38,6 +48,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         num_threads=args.threads,
+        adapters=AdapterLimits(max_lora_rank=args.max_lora_rank),
         max_lora_slots=args.max_lora_slots,
     )
 

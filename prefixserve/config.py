@@ -62,7 +62,7 @@ class SchedulerConfig:
 class AdapterLimits:
     """Bounds on what a task artifact may hold; anything larger is refused at upload."""
 
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # LoRA slot stacks are sized by it (vLLM's default too)
     max_virtual_tokens: int = 512
     max_intrinsic_dim: int = 1024
     max_artifact_bytes: int = 256 << 20

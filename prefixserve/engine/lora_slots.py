@@ -5,9 +5,11 @@ uses it, so attention-only deployments never pay for MLP stacks."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from prefixserve.errors import EngineOverloadedError
+from prefixserve.kernels.lora import LoRASegment
 from prefixserve.models.llama import LlamaArch
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,6 +33,10 @@ class LoRASlots:
         # per target: a [num_layers, num_slots, max_rank, in], b [num_layers, num_slots, out, max_rank]
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [num_slots]
+        # Host copies, so building a step's segments never reads the device.
+        self.ranks = [0] * num_slots
+        self.scales = [0.0] * num_slots
+        self.targets: list[frozenset[str]] = [frozenset()] * num_slots
         self._free = list(range(num_slots))
 
     @property
@@ -49,6 +55,9 @@ class LoRASlots:
             stack_a[layer, slot, :rank] = a.to(self.dtype)
             stack_b[layer, slot, :, :rank] = b.to(self.dtype)
         self.scaling[slot] = scaling
+        self.scales[slot] = scaling
+        self.ranks[slot] = max(a.shape[0] for a, _ in weights.values())
+        self.targets[slot] = frozenset(target for _, target in weights)
         return slot
 
     def free(self, slot: int) -> None:
@@ -56,11 +65,19 @@ class LoRASlots:
             stack_a[:, slot].zero_()
             stack_b[:, slot].zero_()
         self.scaling[slot] = 0.0
+        self.ranks[slot], self.scales[slot], self.targets[slot] = 0, 0.0, frozenset()
         self._free.append(slot)
 
-    def layer(self, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The stacks of one layer: target -> (a [num_slots, max_rank, in], b [num_slots, out, max_rank])."""
-        return {t: (a[index], b[index]) for t, (a, b) in self.stacks.items()}
+    def segments(self, token_slots, device: torch.device) -> dict[str, list[LoRASegment]]:
+        """token_slots: numpy [num_tokens] slot per token (-1 none) -> per target, the segments of
+        the slots whose adapter has that target."""
+        by_target: dict[str, list[LoRASegment]] = {}
+        for slot in np.unique(token_slots[token_slots >= 0]).tolist():
+            rows = torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device)
+            segment = LoRASegment(rows, slot, self.ranks[slot], self.scales[slot])
+            for target in self.targets[slot]:
+                by_target.setdefault(target, []).append(segment)
+        return by_target
 
     def _stack(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         if target not in self.stacks:

@@ -134,8 +134,13 @@ class ModelRunner:
         )
         lora = None
         if any_lora:  # plain and prompt-style batches skip every LoRA op
-            token_slots = torch.from_numpy(np.concatenate(lora_chunks)).to(device)
-            lora = LoRAStep(lora_batch_metadata(token_slots), self.lora_slots.stacks, self.lora_slots.scaling)
+            token_slots = np.concatenate(lora_chunks)
+            slots = self.lora_slots
+            if device.type == "cuda":
+                lora_meta = lora_batch_metadata(torch.from_numpy(token_slots).to(device))
+                lora = LoRAStep(slots.stacks, slots.scaling, meta=lora_meta)
+            else:
+                lora = LoRAStep(slots.stacks, slots.scaling, segments=slots.segments(token_slots, device))
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
         logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)

@@ -20,7 +20,7 @@ class Sampler:
         tokens = logits.argmax(-1)  # [N]
         for i, request in enumerate(requests):
             if not request.params.greedy:
-                tokens[i] = self._sample_row(logits[i], request)
+                tokens[i] = self._sample_row(logits[i], request)  # a CPU int, written into the device tensor
         logprobs = None
         if any(r.params.logprobs for r in requests):
             logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
@@ -40,7 +40,9 @@ class Sampler:
     @staticmethod
     def _sample_row(row: torch.Tensor, request: Request) -> int:
         params = request.params
-        row = row / params.temperature  # [vocab]
+        # Requests own CPU generators (seeded streams independent of the device), so one row of
+        # logits travels to the host: 4 bytes x vocab, noise next to a forward step.
+        row = row.float().cpu() / params.temperature  # [vocab]
         if params.top_k > 0 and params.top_k < row.shape[0]:
             kth = torch.topk(row, params.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -228,6 +228,33 @@ def _segments(meta: LoRABatchMetadata):
             yield meta.token_indices[start:start + n].long(), slot
 
 
+@dataclass
+class LoRASegment:
+    """The tokens of one adapter slot, for the host-side path (built once per step from host data)."""
+
+    rows: torch.Tensor  # [n] int64 token rows of x / y
+    slot: int
+    rank: int  # the adapter's own rank: the zero-padded rest of max_rank is skipped
+    scale: float
+
+
+def add_lora_segments(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    y: torch.Tensor,  # [num_tokens, out_features], updated in place
+    lora_a: torch.Tensor,  # [num_slots, max_rank, in_features]
+    lora_b: torch.Tensor,  # [num_slots, out_features, max_rank]
+    segments: list[LoRASegment],
+) -> None:
+    """The CPU path of the batched LoRA: per segment, shrink and expand at the adapter's real rank
+    and one fused index_add_ into y. Where few tokens carry LoRA (the usual mixed batch), this
+    costs a handful of small ops per adapter instead of work over every token or padded rank."""
+    for seg in segments:
+        a = lora_a[seg.slot, :seg.rank].float()  # [r, in]
+        b = lora_b[seg.slot, :, :seg.rank].float()  # [out, r]
+        h = x.index_select(0, seg.rows).float() @ a.T  # [n, r]
+        y.index_add_(0, seg.rows, (h @ b.T).mul_(seg.scale).to(y.dtype))
+
+
 def add_lora(
     x: torch.Tensor,  # [num_tokens, in_features]: the projection's input
     y: torch.Tensor,  # [num_tokens, out_features]: the base projection's output, updated in place

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from prefixserve.errors import ModelLoadError
 from prefixserve.kernels.kv_store import store_kv
-from prefixserve.kernels.lora import LoRABatchMetadata, add_lora
+from prefixserve.kernels.lora import LoRABatchMetadata, LoRASegment, add_lora, add_lora_segments
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 
@@ -54,17 +54,23 @@ class LlamaArch:
 
 @dataclass
 class LoRAStep:
-    """This step's batched LoRA: tokens grouped by adapter slot, and the slot stacks per target
-    (a [num_layers, num_slots, max_rank, in], b [num_layers, num_slots, out, max_rank])."""
+    """This step's batched LoRA: the slot stacks per target (a [num_layers, num_slots, max_rank, in],
+    b [num_layers, num_slots, out, max_rank]) and the tokens grouped by slot, as device metadata for
+    the Triton kernels (`meta`) or as host-side segments per target for the CPU path (`segments`)."""
 
-    meta: LoRABatchMetadata
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: torch.Tensor  # [num_slots] fp32
+    meta: LoRABatchMetadata | None = None
+    segments: dict[str, list[LoRASegment]] | None = None  # only the adapters that have the target
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += scaling * (x @ A^T) @ B^T per token, in place; y may be a column slice of a fused output."""
-        if target in self.stacks:
-            a, b = self.stacks[target]
+        if target not in self.stacks:
+            return
+        a, b = self.stacks[target]
+        if self.segments is not None:
+            add_lora_segments(x, y, a[layer], b[layer], self.segments.get(target, []))
+        else:
             add_lora(x, y, a[layer], b[layer], self.scaling, self.meta)
 
 

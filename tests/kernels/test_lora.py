@@ -112,3 +112,28 @@ def test_lora_rejects_mismatched_inputs_with_expected_and_found():
         lora_shrink(x[:, :71], lora_a, meta)
     with pytest.raises(ValueError, match=r"expected scaling fp32 \[1\]"):
         lora_expand(torch.zeros(2, 4, device=DEVICE), lora_b, y, scaling.double(), meta)
+
+
+def test_host_segment_path_matches_the_reference():
+    """The engine's CPU path (per-adapter segments at each adapter's real rank) against the
+    reference over the padded stacks; slot 1 is left out of the segments as an adapter without
+    this target, so its tokens must stay untouched."""
+    from prefixserve.kernels.lora import LoRASegment, add_lora_segments
+
+    ranks = [3, 5, 8]
+    lora_a, lora_b, scaling = _adapters(ranks, max_rank=8, dtype=torch.float32)
+    lora_a, lora_b, scaling = lora_a.cpu(), lora_b.cpu(), scaling.cpu()
+    token_slots = [2, -1, 0, 2, 1, 0, -1, 2]
+    x, y = _tokens(token_slots, torch.float32)
+    x, y = x.cpu(), y.cpu()
+    slots = torch.tensor(token_slots)
+    segments = [LoRASegment(torch.nonzero(slots == s)[:, 0], s, ranks[s], float(scaling[s])) for s in (0, 2)]
+    ours = y.clone()
+    add_lora_segments(x, ours, lora_a, lora_b, segments)
+    without_slot_1 = torch.where(slots == 1, -1, slots)
+    expected = y.clone()
+    meta = lora_batch_metadata(without_slot_1)
+    lora_expand_reference(lora_shrink_reference(x, lora_a, meta), lora_b, expected, scaling, meta)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours[slots < 0], y[slots < 0]) and torch.equal(ours[slots == 1], y[slots == 1])
+    assert not torch.allclose(ours[slots == 2], y[slots == 2])
