@@ -73,3 +73,26 @@ def peft_greedy(model: PeftModel, prompt_ids: list[int], max_new_tokens: int) ->
 def peft_last_logits(model: PeftModel, token_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([token_ids])
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+
+
+def intrinsic_case(base, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5, seed: int = 77):
+    """An IPT task: (subspace artifact bytes, intrinsic artifact bytes, the peft reference), where the
+    reference is PROMPT_TUNING holding decoder(z) as its soft prompt."""
+    from prefixserve.adapters_store.format import artifact_version, encode_artifact
+    from prefixserve.adapters_store.kinds import get_kind
+
+    hidden = base.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    decoder = {"decoder.0.weight": torch.randn(decoder_hidden, d, generator=g) * 0.5,
+               "decoder.0.bias": torch.randn(decoder_hidden, generator=g) * 0.1,
+               "decoder.2.weight": torch.randn(num_tokens * hidden, decoder_hidden, generator=g) * 0.5,
+               "decoder.2.bias": torch.randn(num_tokens * hidden, generator=g) * 0.1}
+    config = {"intrinsic_dim": d, "num_virtual_tokens": num_tokens, "decoder_hidden": decoder_hidden}
+    subspace = encode_artifact("subspace", config, decoder, fingerprint)
+    z = torch.randn(d, generator=g) * 0.02 * 50  # IPT inits z ~ N(0, 0.02); trained vectors are larger
+    intrinsic = encode_artifact("intrinsic", {"subspace_version": artifact_version(subspace)}, {"z": z}, fingerprint)
+    reference = get_peft_model(base, PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=num_tokens,
+                                                        prompt_tuning_init=PromptTuningInit.RANDOM))
+    with torch.no_grad():
+        reference.prompt_encoder["default"].embedding.weight.copy_(get_kind("subspace").decode(decoder, z, config))
+    return subspace, intrinsic, reference.eval()

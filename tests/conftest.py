@@ -47,7 +47,8 @@ def smollm2_dir() -> Path:
     """The embedded backbone as a Hugging Face directory (dequantized once into the user cache)."""
     from prefixserve.models.embedded import prepare_embedded_backbone
 
-    return prepare_embedded_backbone(Path(ModelConfig.cache_dir).expanduser())
+    # The same place `make test`'s `prefixserve prepare` wrote to.
+    return prepare_embedded_backbone(Path(os.environ.get("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir)).expanduser())
 
 
 @pytest.fixture(scope="session")

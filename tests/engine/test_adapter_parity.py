@@ -4,7 +4,7 @@ logits within 1e-4 of the largest logit; on the tiny model and on SmolLM2."""
 
 import pytest
 import torch
-from adapter_cases import make_peft_adapter, peft_configs, peft_greedy, peft_last_logits
+from adapter_cases import intrinsic_case, make_peft_adapter, peft_configs, peft_greedy, peft_last_logits
 from helpers import capture_logits, hf_greedy, max_rel_error, random_prompts
 
 from prefixserve.adapters_store.peft_import import import_peft
@@ -43,6 +43,10 @@ def check_parity(base, backbone, adapters, prompts):
                                                              fingerprint=engine.adapters.fingerprint,
                                                              limits=engine.config.adapters))
         assert artifact.kind in ("prefix", "prompt", "lora")
+    subspace, intrinsic, ipt_reference = intrinsic_case(base, engine.adapters.fingerprint)
+    engine.register_adapter("ipt-subspace", subspace)
+    assert engine.register_adapter("ipt", intrinsic).kind == "intrinsic"
+    adapters = {**adapters, "ipt": (ipt_reference, None)}  # nine tasks of every kind, plus the plain backbone
     jobs = [(name, prompts[i % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(name, prompts[(i + 1) % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(None, prompts[0]), ("base", prompts[-1])]
