@@ -31,6 +31,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--redis-url", default=env("REDIS_URL"),
+                        help="serve tasks from this Redis (shared by replicas); default: a local directory")
+    parser.add_argument("--store-dir", default=env("PREFIXSERVE_STORE_DIR", "~/.local/share/prefixserve/adapters"),
+                        help="the local adapter store when no Redis URL is given")
+    parser.add_argument("--host-cache-mb", type=int, default=EngineConfig.host_cache_bytes >> 20,
+                        help="decoded adapters kept in host memory")
     parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots,
                         help="LoRA adapters resident at once")
     parser.add_argument("--max-lora-rank", type=int, default=AdapterLimits.max_lora_rank,
@@ -50,7 +56,21 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.threads,
         adapters=AdapterLimits(max_lora_rank=args.max_lora_rank),
         max_lora_slots=args.max_lora_slots,
+        host_cache_bytes=args.host_cache_mb << 20,
     )
+
+
+def adapter_store(args: argparse.Namespace):
+    """RedisStore when a URL is given (replicas share tasks and hear each other's uploads), else LocalStore."""
+    from pathlib import Path
+
+    if args.redis_url:
+        from prefixserve.adapters_store.redis_store import RedisStore
+
+        return RedisStore(args.redis_url)
+    from prefixserve.adapters_store.local_store import LocalStore
+
+    return LocalStore(Path(args.store_dir).expanduser())
 
 
 def load_adapters(engine, specs: list[str]) -> None:
@@ -82,13 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.server.app import create_app
 
-    sync_engine = LLMEngine.from_config(engine_config(args))
+    sync_engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(sync_engine, args.adapter)
     engine = AsyncEngine(sync_engine)
     try:
         uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
+        sync_engine.close()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -103,10 +124,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.engine.request import SamplingParams
 
-    engine = LLMEngine.from_config(engine_config(args))
+    engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
+    load_adapters(engine, args.adapter)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    for completion in engine.generate(args.prompts, params):
-        print(completion.text)
+    try:
+        for completion in engine.generate(args.prompts, params, tasks=[args.task] * len(args.prompts)):
+            print(completion.text)
+    finally:
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--task", default=None, help="a task in the store (see --adapter to add one)")
     generate.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

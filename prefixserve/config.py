@@ -79,4 +79,5 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     adapters: AdapterLimits = field(default_factory=AdapterLimits)
     max_lora_slots: int = 16  # LoRA adapters resident on the device at once
+    host_cache_bytes: int = 512 << 20  # decoded adapters kept in host memory (LRU)
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default

@@ -45,6 +45,20 @@ class TaskNotFoundError(PrefixServeError):
     code = "task_not_found"
 
 
+class StoreUnavailableError(PrefixServeError):
+    """The adapter store cannot be reached (e.g. Redis is down); already-loaded tasks keep serving."""
+
+    status_code = 503
+    code = "store_unavailable"
+    retry_after_s = 1.0
+
+
+class StoreCorruptError(PrefixServeError):
+    """A stored blob's bytes no longer hash to its version (disk or operator damage)."""
+
+    code = "store_corrupt"
+
+
 class EngineOverloadedError(PrefixServeError):
     """The engine's bounded waiting queue is full; the caller should retry later."""
 

@@ -64,3 +64,28 @@ def smollm2_hf(smollm2_dir):
 
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """REDIS_URL if set, else a private redis-server on a free loopback port for the session.
+    A missing redis-server FAILS the test: a skipped Redis suite would hide a broken store."""
+    from redis_server import redis_url_from_env_or_start
+
+    try:
+        url, server = redis_url_from_env_or_start(tmp_path_factory.mktemp("redis"))
+    except RuntimeError as e:  # no redis-server, one that did not start, or REDIS_URL unreachable
+        pytest.fail(str(e), pytrace=False)
+    yield url
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture
+def redis_namespace(redis_url):
+    """A key namespace no other test uses; removed afterwards."""
+    from redis_server import delete_namespace, unique_namespace
+
+    namespace = unique_namespace()
+    yield namespace
+    delete_namespace(redis_url, namespace)

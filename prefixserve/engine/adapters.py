@@ -1,36 +1,60 @@
-"""Task adapters on the device: which version each task serves now, and where each version lives.
+"""Task adapters: which version each task serves, and where each version lives.
 
-Every prompt-style kind is compiled once per version into a KV prefix that sits in the paged KV
-pool: `prefix` artifacts are written as they are, `prompt` soft prompts (and `intrinsic` vectors,
-decoded through their `subspace`) are run through the backbone once. The pages are shared
-read-only, reference-counted: the manager holds one reference while the version is some task's
-current one, and every request using it holds another, so N requests keep ONE copy. LoRA
-versions occupy a slot. A request pins its version at admission (`acquire`) and keeps it to the
-end, so re-registering a task only affects requests that arrive later; a replaced version is
-freed when its last request ends.
+Tiers: device (compiled KV prefix pages / LoRA slots) <- host cache (decoded artifacts, LRU in
+bytes) <- store (bytes; a local directory or Redis). Every prompt-style kind is compiled once per
+version into KV pages shared read-only by all its requests, reference-counted: one reference for
+the resident copy, one per request. LoRA versions occupy a slot.
 
-Mutated only on the engine thread; the read-only lookups (`prefix_len`) are safe from others.
+Versions are pinned per request: `resolve` (any thread) gives a new request the task's current
+version, and the request keeps it to the end, so an upload only affects later requests. Store
+events (uploads through any replica) update the task pointers; a replaced version is freed when
+its last request ends. A request whose version is not on the device waits, while the others run,
+until a background loader has fetched it and the engine thread has compiled it (`poll`). Idle
+versions are evicted least-recently-used first when pages or slots run short; a version in use
+never is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import queue
 import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
 from prefixserve.adapters_store.format import Artifact, decode_artifact
 from prefixserve.adapters_store.kinds import get_kind
+from prefixserve.adapters_store.store import AdapterStore, StoreEvent
 from prefixserve.config import AdapterLimits
+from prefixserve.engine.host_cache import HostCache
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
-from prefixserve.errors import AdapterError, EngineOverloadedError, InvalidRequestError, TaskNotFoundError
+from prefixserve.errors import (
+    AdapterError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    PrefixServeError,
+    TaskNotFoundError,
+)
 from prefixserve.models.loader import Backbone
+
+if TYPE_CHECKING:
+    from prefixserve.engine.request import Request
+
+log = logging.getLogger(__name__)
 
 BASE_TASK = "base"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.lora_a$")
+_SUBSPACE_NOT_SERVABLE = ("task {task!r} is an IPT subspace (a shared decoder), not servable itself; serve an "
+                          "intrinsic task that points at it")
 
 
 @dataclass(eq=False)
@@ -46,53 +70,121 @@ class AdapterHandle:
 
 
 class AdapterManager:
-    def __init__(self, backbone: Backbone, runner: ModelRunner, pages: KVPageManager, limits: AdapterLimits):
-        self.backbone, self.runner, self.pages, self.limits = backbone, runner, pages, limits
+    def __init__(self, backbone: Backbone, runner: ModelRunner, pages: KVPageManager, limits: AdapterLimits,
+                 store: AdapterStore, host_cache_bytes: int, num_loaders: int = 2):
+        self.backbone, self.runner, self.pages, self.limits, self.store = backbone, runner, pages, limits, store
         self.fingerprint = backbone_fingerprint(backbone)
-        self._tasks: dict[str, str] = {}  # task -> current version
-        self._resident: dict[str, AdapterHandle] = {}  # version -> handle
-        self._subspaces: dict[str, Artifact] = {}  # version -> IPT decoder (host memory; not servable itself)
+        self.host = HostCache(host_cache_bytes)
+        self._tasks: dict[str, str] = {}  # task -> current version; written by the engine and store threads
+        # Serialises pointer writes (and the store calls they follow) across the engine, store-event
+        # and caller threads, so a late event can never resurrect a pointer a delete just removed.
+        self._pointer_lock = threading.Lock()
+        self._resident: OrderedDict[str, AdapterHandle] = OrderedDict()  # version -> handle, least recent first
+        self._loading: dict[str, Future] = {}  # version -> fetch + decode on a loader thread
+        self._waiting: dict[str, list[Request]] = {}  # version -> requests waiting for it
+        self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # versions that may have lost their task
+        self._subspaces: set[str] = set()  # subspace versions seen here: refused at admission
+        self._loader = ThreadPoolExecutor(num_loaders, thread_name_prefix="prefixserve-adapter-load")
+        self._unsubscribe = store.subscribe(self._on_store_event)
+        self.cold_loads = 0
 
-    # ---- registration ------------------------------------------------------------------------
+    def close(self) -> None:
+        self._unsubscribe()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # ---- any thread --------------------------------------------------------------------------
+    def resolve(self, task: str | None) -> str | None:
+        """The version a new request of `task` pins (None: the plain backbone)."""
+        if task is None or task == BASE_TASK:
+            return None
+        version = self._tasks.get(task)
+        if version is None:
+            with self._pointer_lock:
+                version = self._tasks.get(task) or self.store.current(task)
+                if version is None:
+                    raise TaskNotFoundError(f"task {task!r} is not registered")
+                self._tasks[task] = version
+        if version in self._subspaces:
+            raise InvalidRequestError(_SUBSPACE_NOT_SERVABLE.format(task=task))
+        return version
+
+    def prefix_len(self, version: str | None) -> int:
+        """Virtual tokens of a version if known here (resident), else 0 (checked again when pinned)."""
+        handle = self._resident.get(version) if version is not None else None
+        return handle.prefix_len if handle is not None else 0
+
+    def tasks(self) -> dict[str, str]:
+        return dict(self._tasks)
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        # Runs on the store's thread. Re-read the pointer rather than trusting the event's version:
+        # events of rapid uploads may arrive after a later one was read, and the store is the truth.
+        with self._pointer_lock:
+            try:
+                current = self.store.current(event.task)
+            except PrefixServeError:
+                log.warning("store unreachable while handling an event for task %r", event.task)
+                return
+            previous = self._tasks.get(event.task)
+            if current is None:
+                self._tasks.pop(event.task, None)
+            else:
+                self._tasks[event.task] = current
+        if previous is not None and previous != current:
+            self._stale.put(previous)  # freed on the engine thread
+
+    # ---- engine thread: registration ---------------------------------------------------------
     def register(self, task: str, data: bytes) -> Artifact:
-        """Validate an artifact, make it resident, and point `task` at it. Nothing changes on error."""
+        """Validate, store, and serve `task` at the new version from the next request on."""
         if task == BASE_TASK or not _TASK_NAME.match(task):
             raise InvalidRequestError(f"task names are 1-200 characters of letters, digits and ._:/- (not "
                                       f"{BASE_TASK!r}), found {task!r}")
         artifact = decode_artifact(data, expected_fingerprint=self.fingerprint, limits=self.limits,
                                    arch=self.backbone.arch)
-        if artifact.kind == "subspace":
-            self._subspaces[artifact.version] = artifact
-        elif artifact.version not in self._resident:
-            self._resident[artifact.version] = self._make_resident(artifact)
-        previous = self._tasks.get(task)
-        self._tasks[task] = artifact.version
+        if artifact.kind == "intrinsic":
+            self._subspace(artifact)  # refuse an intrinsic vector whose subspace is not in the store
+        elif artifact.kind == "subspace":
+            self._subspaces.add(artifact.version)
+        with self._pointer_lock:
+            self.store.put(task, data, artifact.kind)
+            previous = self._tasks.get(task)
+            self._tasks[task] = artifact.version
         if previous is not None and previous != artifact.version:
             self._maybe_free(previous)
+        self.host.put(artifact)
+        if artifact.kind != "subspace" and artifact.version not in self._resident:
+            with contextlib.suppress(EngineOverloadedError):  # warm the device now if there is room
+                self._make_resident(artifact.version)
         return artifact
 
     def unregister(self, task: str) -> None:
-        version = self._tasks.pop(task, None)
+        with self._pointer_lock:
+            if self.store.current(task) is None:
+                raise TaskNotFoundError(f"task {task!r} is not registered")
+            self.store.delete(task)
+            previous = self._tasks.pop(task, None)
+        if previous is not None:
+            self._maybe_free(previous)
+
+    # ---- engine thread: per request ----------------------------------------------------------
+    def begin(self, request: Request) -> bool:
+        """Pin the request's version if it is on the device (True); else start loading it (False)."""
+        version = request.task_version
         if version is None:
-            raise TaskNotFoundError(f"task {task!r} is not registered")
-        self._maybe_free(version)
-
-    def tasks(self) -> dict[str, str]:
-        return dict(self._tasks)
-
-    # ---- per request -------------------------------------------------------------------------
-    def prefix_len(self, task: str | None) -> int:
-        """Virtual tokens the task puts before the prompt (0 for the plain backbone)."""
-        handle = self._handle(task)
-        return handle.prefix_len if handle is not None else 0
-
-    def acquire(self, task: str | None) -> AdapterHandle | None:
-        """Pin the task's current version for one request."""
-        handle = self._handle(task)
+            return True
+        handle = self._resident.get(version)
         if handle is not None:
-            handle.num_users += 1
-            self.pages.share(handle.prefix_pages)
-        return handle
+            self._pin(request, handle)
+            return True
+        self._waiting.setdefault(version, []).append(request)
+        self._start_load(version)
+        return False
+
+    def forget(self, request: Request) -> None:
+        """A waiting request left (aborted) before its adapter arrived."""
+        waiting = self._waiting.get(request.task_version, [])
+        if request in waiting:
+            waiting.remove(request)
 
     def release(self, handle: AdapterHandle | None) -> None:
         if handle is None:
@@ -101,62 +193,153 @@ class AdapterManager:
         self.pages.free(handle.prefix_pages)
         self._maybe_free(handle.version)
 
-    def _handle(self, task: str | None) -> AdapterHandle | None:
-        if task is None or task == BASE_TASK:
-            return None
-        version = self._tasks.get(task)
-        if version is None:
-            raise TaskNotFoundError(f"task {task!r} is not registered")
-        if version in self._subspaces:
-            raise InvalidRequestError(f"task {task!r} is an IPT subspace (a shared decoder), not servable itself; "
-                                      f"serve an intrinsic task that points at it")
-        return self._resident[version]
+    def poll(self) -> list[tuple[Request, PrefixServeError | None]]:
+        """Between steps: free versions that lost their task, compile finished loads, and return the
+        waiting requests that are now pinned (error None) or can never be served (their error)."""
+        while not self._stale.empty():
+            self._maybe_free(self._stale.get())
+        ready = []
+        for version in [v for v, f in self._loading.items() if f.done()]:
+            future = self._loading.pop(version)
+            requests = self._waiting.pop(version, [])
+            try:
+                for artifact in future.result():
+                    self.host.put(artifact)
+                handle = self._make_resident(version, future.result()[0])
+            except EngineOverloadedError:
+                # Every page or slot is held by running requests: wait for one to finish, retry then.
+                self._loading[version], self._waiting[version] = future, requests
+                continue
+            except PrefixServeError as exc:
+                ready += [(r, exc) for r in requests]
+                continue
+            for request in requests:
+                try:
+                    self._pin(request, handle)
+                    ready.append((request, None))
+                except PrefixServeError as exc:
+                    ready.append((request, exc))
+        return ready
 
-    # ---- residency ---------------------------------------------------------------------------
-    def _make_resident(self, artifact: Artifact) -> AdapterHandle:
-        handle = AdapterHandle(artifact.version, artifact.kind)
+    @property
+    def num_loading(self) -> int:
+        return len(self._loading)
+
+    def wait_for_load(self, timeout: float) -> None:
+        """Block the engine thread until some load finishes (nothing else can run meanwhile)."""
+        if self._loading:
+            wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
+
+    def reclaim_pages(self, num_pages: int) -> int:
+        """Evict idle prefixes (least recently used first) until num_pages are free; returns how many
+        pages were freed. The scheduler calls this before it preempts anyone."""
+        freed = 0
+        for handle in [h for h in self._resident.values() if not h.num_users and h.prefix_pages]:
+            if self.pages.num_free_pages >= num_pages:
+                break
+            freed += len(handle.prefix_pages)
+            self._drop(handle)
+        return freed
+
+    def _pin(self, request: Request, handle: AdapterHandle) -> None:
+        if handle.prefix_len + request.num_prompt_tokens >= self.backbone.max_model_len:
+            raise InvalidRequestError(f"the prompt has {request.num_prompt_tokens} tokens after the task's "
+                                      f"{handle.prefix_len} virtual tokens but the context holds "
+                                      f"{self.backbone.max_model_len} (prompt plus at least one new token)")
+        handle.num_users += 1
+        self.pages.share(handle.prefix_pages)
+        self._resident.move_to_end(handle.version)
+        request.adapter = handle
+
+    # ---- loading -----------------------------------------------------------------------------
+    def _start_load(self, version: str) -> None:
+        if version in self._loading:
+            return
+        cached = self.host.get(version)
+        if cached is not None and cached.kind != "intrinsic":
+            done: Future = Future()
+            done.set_result([cached])
+            self._loading[version] = done
+            return
+        self.cold_loads += 1
+        self._loading[version] = self._loader.submit(self._fetch, version)
+
+    def _fetch(self, version: str) -> list[Artifact]:
+        """Loader thread: bytes from the store, validated and decoded (plus an intrinsic's subspace)."""
+        artifact = self._decode(self.store.get(version))
+        if artifact.kind == "subspace":
+            self._subspaces.add(version)
+            raise InvalidRequestError(_SUBSPACE_NOT_SERVABLE.format(task=version[:12]))
+        if artifact.kind == "intrinsic":
+            return [artifact, self._decode(self.store.get(artifact.config["subspace_version"]))]
+        return [artifact]
+
+    def _decode(self, data: bytes) -> Artifact:
+        return decode_artifact(data, expected_fingerprint=self.fingerprint, limits=self.limits,
+                               arch=self.backbone.arch)
+
+    def _subspace(self, intrinsic: Artifact) -> Artifact:
+        version = intrinsic.config["subspace_version"]
+        subspace = self.host.get(version)
+        if subspace is None:
+            try:
+                subspace = self._decode(self.store.get(version))
+            except TaskNotFoundError:
+                raise AdapterError(f"the intrinsic vector needs subspace {version}, which is not registered; "
+                                   f"upload the subspace artifact first") from None
+            self.host.put(subspace)
+        return subspace
+
+    # ---- device residency --------------------------------------------------------------------
+    def _make_resident(self, version: str, artifact: Artifact | None = None) -> AdapterHandle:
+        artifact = artifact or self.host.get(version)
+        if artifact is None:  # evicted from the host cache between load and compile: fetch again
+            artifact = self._fetch(version)[0]
+        handle = AdapterHandle(version, artifact.kind)
         tensors = artifact.tensors
         if artifact.kind == "lora":
+            if not self.runner.lora_slots.num_free:
+                self._evict_idle(lambda: self.runner.lora_slots.num_free > 0, lora_only=True)
             handle.lora_slot = self._load_lora(artifact)
-            return handle
-        if artifact.kind == "prefix":
-            num_tokens = tensors["keys"].shape[1]
-        elif artifact.kind == "prompt":
-            embeddings = tensors["embeddings"]
-            num_tokens = embeddings.shape[0]
-        elif artifact.kind == "intrinsic":
-            embeddings = self._decode_intrinsic(artifact)
-            num_tokens = embeddings.shape[0]
         else:
-            raise AdapterError(f"kind {artifact.kind!r} cannot be served")
-        if num_tokens >= self.backbone.max_model_len:
-            raise AdapterError(f"the adapter has {num_tokens} virtual tokens; the context holds "
-                               f"{self.backbone.max_model_len}")
-        num_pages = self.pages.pages_for(num_tokens)
-        if not self.pages.can_allocate(num_pages):
-            raise EngineOverloadedError(f"the KV pool has no room for a {num_tokens}-token prefix now; retry later")
-        handle.prefix_pages, handle.prefix_len = self.pages.allocate(num_pages), num_tokens
-        try:
             if artifact.kind == "prefix":
-                self.runner.write_prefix(tensors["keys"], tensors["values"], handle.prefix_pages)
+                num_tokens = tensors["keys"].shape[1]
+            elif artifact.kind == "prompt":
+                embeddings = tensors["embeddings"]
+                num_tokens = embeddings.shape[0]
+            elif artifact.kind == "intrinsic":
+                embeddings = self._decode_intrinsic(artifact)
+                num_tokens = embeddings.shape[0]
             else:
-                self.runner.prefill_embeddings(embeddings, handle.prefix_pages)
-        except Exception:
-            self.pages.free(handle.prefix_pages)
-            raise
+                raise AdapterError(f"kind {artifact.kind!r} cannot be served")
+            if num_tokens >= self.backbone.max_model_len:
+                raise AdapterError(f"the adapter has {num_tokens} virtual tokens; the context holds "
+                                   f"{self.backbone.max_model_len}")
+            num_pages = self.pages.pages_for(num_tokens)
+            if not self.pages.can_allocate(num_pages):
+                self._evict_idle(lambda: self.pages.can_allocate(num_pages))
+            if not self.pages.can_allocate(num_pages):
+                raise EngineOverloadedError(f"the KV pool has no room for a {num_tokens}-token prefix now; "
+                                            f"retry later")
+            handle.prefix_pages, handle.prefix_len = self.pages.allocate(num_pages), num_tokens
+            try:
+                if artifact.kind == "prefix":
+                    self.runner.write_prefix(tensors["keys"], tensors["values"], handle.prefix_pages)
+                else:
+                    self.runner.prefill_embeddings(embeddings, handle.prefix_pages)
+            except Exception:
+                self.pages.free(handle.prefix_pages)
+                raise
+        self._resident[version] = handle
         return handle
 
     def _decode_intrinsic(self, artifact: Artifact) -> torch.Tensor:
-        subspace_version = artifact.config["subspace_version"]
-        subspace = self._subspaces.get(subspace_version)
-        if subspace is None:
-            raise AdapterError(f"the intrinsic vector needs subspace {subspace_version}, which is not registered; "
-                               f"upload the subspace artifact first")
+        subspace = self._subspace(artifact)
         z = artifact.tensors["z"]
         expected = subspace.config["intrinsic_dim"]
         if z.shape != (expected,):
-            raise AdapterError(f"subspace {subspace_version[:12]} decodes {expected}-dimensional vectors, found z of "
-                               f"shape {tuple(z.shape)}")
+            raise AdapterError(f"subspace {subspace.version[:12]} decodes {expected}-dimensional vectors, found z "
+                               f"of shape {tuple(z.shape)}")
         return get_kind("subspace").decode(subspace.tensors, z, subspace.config)  # [P, hidden]
 
     def _load_lora(self, artifact: Artifact) -> int:
@@ -168,14 +351,21 @@ class AdapterManager:
                 weights[(layer, target)] = (a, artifact.tensors[f"layers.{layer}.{target}.lora_b"])
         return self.runner.lora_slots.load(weights, get_kind("lora").scaling(artifact.config))
 
+    def _evict_idle(self, enough, lora_only: bool = False) -> None:
+        for handle in list(self._resident.values()):  # least recently used first
+            if enough():
+                return
+            if not handle.num_users and (handle.lora_slot >= 0 if lora_only else True):
+                self._drop(handle)
+
     def _maybe_free(self, version: str) -> None:
-        if version in self._tasks.values():
-            return
-        self._subspaces.pop(version, None)
         handle = self._resident.get(version)
-        if handle is None or handle.num_users:
-            return
-        del self._resident[version]
+        if handle is None or handle.num_users or version in self._tasks.values():
+            return  # still current for some task: it stays as a device cache entry until space is needed
+        self._drop(handle)
+
+    def _drop(self, handle: AdapterHandle) -> None:
+        del self._resident[handle.version]
         self.pages.free(handle.prefix_pages)
         if handle.lora_slot >= 0:
             self.runner.lora_slots.free(handle.lora_slot)

@@ -56,6 +56,9 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, PrefixServeError):
                     raise item
+                if item.error is not None:  # e.g. its adapter failed to load
+                    finished = True
+                    raise item.error
                 yield item
                 if item.finished:
                     finished = True

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.local_store import LocalStore
+from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import EngineConfig
 from prefixserve.engine.adapters import AdapterManager
 from prefixserve.engine.detokenizer import IncrementalDetokenizer
@@ -33,7 +37,9 @@ class Completion:
 
 
 class LLMEngine:
-    def __init__(self, backbone: Backbone, config: EngineConfig = EngineConfig()):
+    def __init__(self, backbone: Backbone, config: EngineConfig = EngineConfig(), store: AdapterStore | None = None):
+        """`store` holds the tasks' adapters; None gives a private LocalStore in a temporary
+        directory (offline use and tests; servers pass a LocalStore or RedisStore)."""
         self.backbone = backbone
         self.config = config
         if config.num_threads:
@@ -42,15 +48,22 @@ class LLMEngine:
         self.max_model_len = backbone.max_model_len
         num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
         self.pages = KVPageManager(num_pages, page_size)
-        self.scheduler = Scheduler(config.scheduler, self.pages)
         self.runner = ModelRunner(backbone, num_pages, page_size, config.max_lora_slots, config.adapters.max_lora_rank)
-        self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters)
+        self.store = store if store is not None else LocalStore(Path(tempfile.mkdtemp(prefix="prefixserve-adapters-")))
+        self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters, self.store,
+                                       config.host_cache_bytes)
+        self.scheduler = Scheduler(config.scheduler, self.pages, reclaim_pages=self.adapters.reclaim_pages)
         self.sampler = Sampler(backbone.eos_token_ids)
         self.requests: dict[str, Request] = {}
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
-        return cls(load_backbone(config.model), config)
+    def from_config(cls, config: EngineConfig, store: AdapterStore | None = None) -> LLMEngine:
+        return cls(load_backbone(config.model), config, store)
+
+    def close(self) -> None:
+        """Stop the adapter loaders and release the store (its connections and event thread)."""
+        self.adapters.close()
+        self.store.close()
 
     @staticmethod
     def _default_num_pages(backbone: Backbone, config: EngineConfig) -> int:
@@ -84,12 +97,13 @@ class LLMEngine:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), found "
                                       f"{next(t for t in ids if not (isinstance(t, int) and 0 <= t < vocab))!r}")
-        self._check_fits(len(ids), self.adapters.prefix_len(task))
+        version = self.adapters.resolve(task)  # pinned now: a later upload does not affect this request
+        self._check_fits(len(ids), self.adapters.prefix_len(version))
         total = min(len(ids) + params.max_new_tokens, self.max_model_len)
         if self.pages.pages_for(total) > self.pages.num_pages:
             raise InvalidRequestError(f"the request needs up to {total} tokens of KV cache, more than the whole "
                                       f"pool ({self.pages.num_pages * self.pages.page_size} tokens)")
-        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task)
+        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task, task_version=version)
 
     def _check_fits(self, num_prompt_tokens: int, prefix_len: int) -> None:
         if prefix_len + num_prompt_tokens >= self.max_model_len:
@@ -103,13 +117,7 @@ class LLMEngine:
         limit = self.config.scheduler.max_in_flight
         if self.scheduler.num_unfinished >= limit:
             raise EngineOverloadedError(f"the engine queue is full ({limit} requests in flight)")
-        # Pin the task's version now: a re-upload from here on only affects later requests.
-        request.adapter = self.adapters.acquire(request.task)
-        try:
-            self._check_fits(request.num_prompt_tokens, request.adapter.prefix_len if request.adapter else 0)
-        except InvalidRequestError:
-            self.adapters.release(request.adapter)
-            raise
+        self.adapters.begin(request)  # pins a resident version, or starts loading it (the request waits)
         if self.backbone.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, request.prompt_token_ids)
         self.requests[request.request_id] = request
@@ -130,7 +138,10 @@ class LLMEngine:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
-        self.adapters.release(request.adapter)
+        if request.adapter is not None:
+            self.adapters.release(request.adapter)
+        else:
+            self.adapters.forget(request)
         del self.requests[request.request_id]
 
     # ---- tasks -------------------------------------------------------------------------------
@@ -146,18 +157,31 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._poll_adapters()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            return []
+            if self.adapters.num_loading:  # only loads are pending: wait for one rather than spin
+                self.adapters.wait_for_load(timeout=0.01)
+            return outputs
         result = self.runner.execute(scheduled)
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += n
         if not result.sampling_requests:
-            return []
+            return outputs
         tokens, logprobs = self.sampler(result.logits, result.sampling_requests)
-        outputs = []
         for i, (request, token) in enumerate(zip(result.sampling_requests, tokens)):
             outputs.append(self._append_token(request, token, logprobs[i] if logprobs else None))
+        return outputs
+
+    def _poll_adapters(self) -> list[RequestOutput]:
+        """Requests whose adapter finished loading become schedulable; those it failed for end now."""
+        outputs = []
+        for request, error in self.adapters.poll():
+            if error is not None and request.request_id in self.requests:
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                output = self._output(request, [], None)
+                output.error = error
+                outputs.append(output)
         return outputs
 
     def _append_token(self, request: Request, token: int, logprob: float | None) -> RequestOutput:

@@ -27,6 +27,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 2
     FINISHED_LENGTH = 3
     FINISHED_ABORTED = 4
+    FINISHED_ERROR = 5  # could not be served (e.g. its adapter failed to load); the output carries the error
 
     @property
     def is_finished(self) -> bool:
@@ -35,7 +36,7 @@ class RequestStatus(enum.IntEnum):
     @property
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     new_logprobs: list[float] | None = None
+    error: Exception | None = None  # set with finish_reason "error"
 
 
 @dataclass(eq=False)
@@ -97,6 +99,7 @@ class Request:
     params: SamplingParams
     tenant: str = "default"
     task: str | None = None  # None = the plain backbone
+    task_version: str | None = None  # the adapter version pinned at arrival
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -113,6 +116,11 @@ class Request:
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         # A private generator per request keeps seeded sampling independent of the batch around it.
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def adapter_pending(self) -> bool:
+        """Waiting for its adapter version to reach the device; the scheduler passes over it."""
+        return self.task_version is not None and self.adapter is None
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,7 @@ sampled tokens are kept, so the result is unchanged)."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefixserve.config import SchedulerConfig
@@ -33,9 +34,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pages: KVPageManager):
+    def __init__(self, config: SchedulerConfig, pages: KVPageManager,
+                 reclaim_pages: Callable[[int], int] | None = None):
         self.config = config
         self.pages = pages
+        # Frees cached-but-idle pages (task prefixes nobody uses now) before anyone is preempted.
+        self.reclaim_pages = reclaim_pages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -59,14 +63,17 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
             i += 1
-        # Admitting new work in a step that had to preempt would only thrash the pool.
-        while (not out.preempted and self.waiting and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
+        # Admitting new work in a step that had to preempt would only thrash the pool. Requests
+        # whose adapter is still loading are passed over (FIFO among the rest).
+        for request in [] if out.preempted else list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if request.adapter_pending:
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.requests.append(request)
@@ -87,6 +94,8 @@ class Scheduler:
         needed = self.pages.pages_for(request.num_computed_tokens + num_new_tokens) - len(request.page_ids)
         if needed <= 0:
             return True
+        if not self.pages.can_allocate(needed) and self.reclaim_pages is not None:
+            self.reclaim_pages(needed)
         if not self.pages.can_allocate(needed):
             return False
         request.page_ids.extend(self.pages.allocate(needed))

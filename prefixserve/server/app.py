@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,10 @@ def create_app(engine: AsyncEngine) -> FastAPI:
     async def ready() -> JSONResponse:
         if not engine.is_alive:
             return error_response(503, "not_ready", "the engine loop is not running")
+        try:  # one cheap read proves the store answers (a Redis outage makes the replica not ready)
+            await asyncio.to_thread(engine.engine.store.current, "__readiness_probe__")
+        except PrefixServeError as exc:
+            return error_response(503, "not_ready", f"the adapter store is unreachable: {exc.message}")
         return JSONResponse({"status": "ready", "backbone": backbone.name})
 
     @app.post("/v1/generate", response_model=GenerateResponse)

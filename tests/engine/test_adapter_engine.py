@@ -9,7 +9,7 @@ from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.config import CacheConfig, EngineConfig
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import SamplingParams
-from prefixserve.errors import AdapterError, EngineOverloadedError, InvalidRequestError, TaskNotFoundError
+from prefixserve.errors import AdapterError, InvalidRequestError, TaskNotFoundError
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
 
@@ -127,14 +127,23 @@ def test_unknown_task_and_bad_bytes_leave_no_state(engine):
     assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free and not engine.has_unfinished()
 
 
-def test_lora_slots_are_bounded(engine):
-    engine.register_adapter("lora-a", lora_artifact(engine, seed=1))
-    engine.register_adapter("lora-b", lora_artifact(engine, seed=2))
-    with pytest.raises(EngineOverloadedError, match="LoRA slots"):
-        engine.register_adapter("lora-c", lora_artifact(engine, seed=3))
-    assert sorted(engine.adapters.tasks()) == ["lora-a", "lora-b"]
-    engine.unregister_adapter("lora-a")  # frees its slot
-    engine.register_adapter("lora-c", lora_artifact(engine, seed=3))
+def test_lora_slots_are_a_device_cache(engine):
+    """Two slots, three LoRA tasks: idle adapters are evicted (least recently used first); while
+    running requests pin both slots, a request for the third waits and is served when one frees."""
+    for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
+        engine.register_adapter(name, lora_artifact(engine, seed=i))
     prompt = random_prompts([5], seed=6)[0]
-    b, c, plain = run(engine, prompt, "lora-b"), run(engine, prompt, "lora-c"), run(engine, prompt, None)
-    assert len({tuple(b.logprobs), tuple(c.logprobs), tuple(plain.logprobs)}) == 3
+    alone = {name: run(engine, prompt, name) for name in ("lora-a", "lora-b", "lora-c")}
+    assert len({tuple(c.logprobs) for c in alone.values()} | {tuple(run(engine, prompt, None).logprobs)}) == 4
+
+    long = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name) for name in ("lora-b", "lora-c")]
+    engine.step()
+    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-a")
+    for _ in range(5):
+        engine.step()
+        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # both slots are in use
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.num_output_tokens == 30 for r in pinned)
+    assert waiting.output_token_ids == alone["lora-a"].token_ids
