@@ -59,16 +59,21 @@ class AdapterKind:
         raise NotImplementedError
 
 
-class PrefixKind(AdapterKind):
-    """Per-layer KV prefix, exactly as it sits in the KV cache: written as-is, no RoPE applied to it
-    (peft learns it in cache space); the request's own tokens then start at position P."""
+class _VirtualTokensKind(AdapterKind):
+    """A kind whose config is just its number of virtual tokens P."""
 
-    name = "prefix"
     config_schema = {"num_virtual_tokens": int}
 
     @classmethod
     def num_virtual_tokens(cls, config: dict) -> int:
         return config["num_virtual_tokens"]
+
+
+class PrefixKind(_VirtualTokensKind):
+    """Per-layer KV prefix, exactly as it sits in the KV cache: written as-is, no RoPE applied to it
+    (peft learns it in cache space); the request's own tokens then start at position P."""
+
+    name = "prefix"
 
     @classmethod
     def _check(cls, config, tensors, arch, limits):
@@ -82,15 +87,10 @@ class PrefixKind(AdapterKind):
                                f"found {_fmt(tensors['values'].shape)}")
 
 
-class PromptKind(AdapterKind):
+class PromptKind(_VirtualTokensKind):
     """P soft-prompt embeddings, fed in front of the request (prompt tuning; P-tuning collapses here)."""
 
     name = "prompt"
-    config_schema = {"num_virtual_tokens": int}
-
-    @classmethod
-    def num_virtual_tokens(cls, config: dict) -> int:
-        return config["num_virtual_tokens"]
 
     @classmethod
     def _check(cls, config, tensors, arch, limits):
