@@ -79,6 +79,7 @@ def load_adapters(engine, specs: list[str]) -> None:
 
     from prefixserve.adapters_store.peft_import import import_peft
     from prefixserve.errors import InvalidRequestError
+    from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
 
     for spec in specs:
         task, sep, path = spec.partition("=")
@@ -90,7 +91,7 @@ def load_adapters(engine, specs: list[str]) -> None:
         else:
             data = import_peft(source, arch=engine.backbone.arch, fingerprint=engine.adapters.fingerprint,
                                limits=engine.config.adapters)
-        artifact = engine.register_adapter(task, data)
+        artifact = engine.register_adapter(tenant_task(DEFAULT_TENANT, task, engine.backbone.name), data)
         logging.getLogger("prefixserve").info("task %s: %s adapter, version %s", task, artifact.kind,
                                               artifact.version[:12])
 
@@ -123,12 +124,14 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.engine.request import SamplingParams
+    from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
 
     engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(engine, args.adapter)
+    task = tenant_task(DEFAULT_TENANT, args.task, engine.backbone.name)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     try:
-        for completion in engine.generate(args.prompts, params, tasks=[args.task] * len(args.prompts)):
+        for completion in engine.generate(args.prompts, params, tasks=[task] * len(args.prompts)):
             print(completion.text)
     finally:
         engine.close()

@@ -38,6 +38,13 @@ class AdapterError(InvalidRequestError):
     code = "invalid_adapter"
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """An upload is larger than the configured limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
 class TaskNotFoundError(PrefixServeError):
     """A request names a task that is not registered (for this tenant)."""
 

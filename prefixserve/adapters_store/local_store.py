@@ -60,6 +60,7 @@ class _Notifier:
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[StoreEvent], None]] = {}
         self._queue: queue.SimpleQueue | None = None  # one queue per thread, so a stale _STOP never hits a new one
+        self._thread: threading.Thread | None = None
         self._next_id = 0
 
     def publish(self, event: StoreEvent) -> None:
@@ -73,13 +74,20 @@ class _Notifier:
             self._callbacks[subscription_id] = callback
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(self._queue,), name=self._thread_name, daemon=True).start()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,), name=self._thread_name,
+                                                daemon=True)
+                self._thread.start()
 
         def unsubscribe() -> None:
+            thread = None
             with self._lock:
                 if self._callbacks.pop(subscription_id, None) is not None and not self._callbacks:
                     self._queue.put(_STOP)
-                    self._queue = None
+                    self._queue, thread, self._thread = None, self._thread, None
+            # Join outside the lock (the thread takes it): a thread still running at interpreter exit
+            # can abort the process while native libraries are being torn down.
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
         return unsubscribe
 
     def _run(self, events: queue.SimpleQueue) -> None:

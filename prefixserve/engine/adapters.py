@@ -90,7 +90,7 @@ class AdapterManager:
 
     def close(self) -> None:
         self._unsubscribe()
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=True, cancel_futures=True)  # no loader thread may outlive the engine
 
     # ---- any thread --------------------------------------------------------------------------
     def resolve(self, task: str | None) -> str | None:
@@ -165,6 +165,22 @@ class AdapterManager:
             previous = self._tasks.pop(task, None)
         if previous is not None:
             self._maybe_free(previous)
+
+    def rollback(self, task: str, version: str | None = None) -> str:
+        """Make an earlier version (the previous one by default) current; returns it."""
+        with self._pointer_lock:
+            target = self.store.rollback(task, version)
+            previous = self._tasks.get(task)
+            self._tasks[task] = target
+        if previous is not None and previous != target:
+            self._maybe_free(previous)
+        return target
+
+    def residency(self, version: str) -> str:
+        """Where a version is now: "device" (compiled), "host" (decoded in memory) or "store"."""
+        if version in self._resident:
+            return "device"
+        return "host" if version in self.host else "store"
 
     # ---- engine thread: per request ----------------------------------------------------------
     def begin(self, request: Request) -> bool:

@@ -18,6 +18,9 @@ class HostCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, version: str) -> bool:
+        return version in self._entries
+
     def get(self, version: str) -> Artifact | None:
         artifact = self._entries.get(version)
         if artifact is None:

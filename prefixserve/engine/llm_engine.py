@@ -152,6 +152,9 @@ class LLMEngine:
     def unregister_adapter(self, task: str) -> None:
         self.adapters.unregister(task)
 
+    def rollback_adapter(self, task: str, version: str | None = None) -> str:
+        return self.adapters.rollback(task, version)
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

@@ -13,15 +13,24 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
-from prefixserve.errors import InvalidRequestError, PrefixServeError
+from prefixserve.errors import PrefixServeError
+from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.errors import error_response, install_error_handlers
+from prefixserve.server.openai_routes import openai_router
 from prefixserve.server.protocol import GenerateRequest, GenerateResponse
+from prefixserve.server.tasks_routes import tasks_router
+from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task, tenant_tasks
 
 
 def create_app(engine: AsyncEngine) -> FastAPI:
     app = FastAPI(title="prefixserve", version="0.1.0")
     app.state.engine = engine
     install_error_handlers(app)
+    store = engine.engine.store
+    app.include_router(openai_router(
+        engine, engine_task=lambda model: tenant_task(DEFAULT_TENANT, model, backbone.name),
+        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/"))))
+    app.include_router(tasks_router(engine))
     backbone = engine.engine.backbone
 
     @app.get("/health")
@@ -41,11 +50,11 @@ def create_app(engine: AsyncEngine) -> FastAPI:
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest):
         task = body.task or BASE_TASK
-        engine_task = None if task in (BASE_TASK, backbone.name) else task
+        engine_task = tenant_task(DEFAULT_TENANT, task, backbone.name)
         params = _sampling_params(body)
         prompt, prompt_ids = body.prompt, None
         if body.messages is not None:
-            prompt, prompt_ids = None, _chat_prompt_ids(backbone.tokenizer, body.messages)
+            prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
         outputs = engine.generate(prompt, params, prompt_ids, request_id, task=engine_task)
         if body.stream:
@@ -73,14 +82,6 @@ def _sampling_params(body: GenerateRequest) -> SamplingParams:
         seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=body.logprobs,
     )
-
-
-def _chat_prompt_ids(tokenizer, messages) -> list[int]:
-    if tokenizer is None or not tokenizer.chat_template:
-        raise InvalidRequestError("this backbone has no chat template; send 'prompt' instead of 'messages'")
-    text = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 async def _sse(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from prefixserve.errors import EngineOverloadedError, PrefixServeError
+from prefixserve.errors import PrefixServeError, TaskNotFoundError
+
+_NAMESPACED = re.compile(r"'[^'/]+/")  # "'tenant/" at the start of a quoted engine task name
 
 
 def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -16,10 +20,14 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PrefixServeError)
     async def _typed(_: Request, exc: PrefixServeError) -> JSONResponse:
+        message = exc.message
+        if isinstance(exc, TaskNotFoundError):  # callers name tasks without their tenant namespace
+            message = _NAMESPACED.sub("'", message)
         headers = None
-        if isinstance(exc, EngineOverloadedError):
-            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        return error_response(exc.status_code, exc.code, exc.message, headers)
+        retry_after = getattr(exc, "retry_after_s", None)  # overload and store outages: come back soon
+        if retry_after is not None:
+            headers = {"Retry-After": str(max(1, round(retry_after)))}
+        return error_response(exc.status_code, exc.code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

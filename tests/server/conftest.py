@@ -6,7 +6,7 @@ import httpx
 import pytest
 import uvicorn
 
-from prefixserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig, SchedulerConfig
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.server.app import create_app
@@ -22,7 +22,8 @@ def free_port() -> int:
 def server(smollm2):
     """The real app under uvicorn on a loopback port; yields (base_url, sync engine)."""
     sync = LLMEngine(smollm2, EngineConfig(cache=CacheConfig(num_pages=128),
-                                           scheduler=SchedulerConfig(max_num_seqs=8, max_waiting=4)))
+                                           scheduler=SchedulerConfig(max_num_seqs=8, max_waiting=4),
+                                           adapters=AdapterLimits(max_artifact_bytes=8 << 20)))
     engine = AsyncEngine(sync)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))

@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), as vLLM and
+LoRAX expose them: the `model` field names the task, so an OpenAI client or benchmark tool can
+address any task without knowing our native API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from prefixserve.engine.adapters import BASE_TASK
+from prefixserve.engine.async_engine import AsyncEngine
+from prefixserve.engine.request import RequestOutput, SamplingParams
+from prefixserve.errors import PrefixServeError
+from prefixserve.server.chat import chat_prompt_ids
+from prefixserve.server.openai_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+from prefixserve.server.protocol import ChatMessage
+
+# Builds one stream chunk from one engine output, or None when there is nothing to send yet.
+ChunkBuilder = Callable[[RequestOutput], BaseModel | None]
+
+
+def openai_router(
+    engine: AsyncEngine,
+    engine_task: Callable[[str], str | None] | None = None,
+    list_tasks: Callable[[], list[str]] | None = None,
+) -> APIRouter:
+    """`engine_task(model)` maps a request's `model` to the engine's task (None: the plain backbone);
+    `list_tasks()` names the tasks `/v1/models` lists besides "base". Both are hooks for the
+    tasks/tenancy layer; by default every model name is a task and every registered task is listed."""
+    sync = engine.engine
+    backbone = sync.backbone
+    engine_task = engine_task or (lambda model: None if model in (BASE_TASK, backbone.name) else model)
+    list_tasks = list_tasks or (lambda: sorted(sync.adapters.tasks()))
+    started = int(time.time())
+    router = APIRouter(tags=["openai"])
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        tasks = await asyncio.to_thread(list_tasks)  # a tenancy layer's list may read the store
+        names = dict.fromkeys([BASE_TASK, backbone.name, *tasks])  # ordered, without repeats
+        return ModelList(data=[ModelCard(id=name, created=started) for name in names])
+
+    @router.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest):
+        model, request_id, created = body.model or BASE_TASK, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt, prompt_ids = (body.prompt, None) if isinstance(body.prompt, str) else (None, body.prompt)
+        max_new_tokens = body.max_tokens
+        if max_new_tokens is None:
+            if prompt_ids is None and backbone.tokenizer is not None:
+                prompt, prompt_ids = None, backbone.tokenizer(prompt).input_ids  # as make_request would
+            max_new_tokens = _until_context_end(sync, len(prompt_ids or ()))
+        params = _sampling_params(body, max_new_tokens, logprobs=body.logprobs is not None)
+        outputs = engine.generate(prompt, params, prompt_ids, request_id, task=engine_task(model))
+
+        def completion(out: RequestOutput, text: str, offset: int) -> CompletionResponse:
+            logprobs = _completion_logprobs(backbone.tokenizer, out, offset) if params.logprobs else None
+            choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=out.finish_reason)
+            return CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
+
+        if not body.stream:
+            last = await _collect(outputs)
+            return completion(last, last.new_text, 0).model_copy(update={"usage": _usage(last)})
+
+        text_offset = 0
+
+        def chunk(out: RequestOutput) -> CompletionResponse | None:
+            nonlocal text_offset
+            if not (out.new_text or out.finished or (params.logprobs and out.new_token_ids)):
+                return None  # text held back (a possible stop string): nothing to say yet
+            piece = completion(out, out.new_text, text_offset)
+            text_offset += sum(len(t) for t in piece.choices[0].logprobs.tokens) if params.logprobs else 0
+            return piece
+
+        def usage_chunk(last: RequestOutput) -> CompletionResponse:
+            return CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=_usage(last))
+
+        return await _stream(outputs, chunk, usage_chunk if body.include_usage else None)
+
+    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest):
+
+        model, request_id, created = body.model or BASE_TASK, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                    for m in body.messages]
+        prompt_ids = chat_prompt_ids(backbone.tokenizer, messages)
+        max_new_tokens = body.max_new_tokens or _until_context_end(sync, len(prompt_ids))
+        params = _sampling_params(body, max_new_tokens, logprobs=bool(body.logprobs))
+        outputs = engine.generate(None, params, prompt_ids, request_id, task=engine_task(model))
+
+        def logprobs_of(out: RequestOutput) -> ChatLogprobs | None:
+            return _chat_logprobs(backbone.tokenizer, out) if params.logprobs else None
+
+        if not body.stream:
+            last = await _collect(outputs)
+            choice = ChatChoice(message=ChatMessageOut(content=last.new_text), logprobs=logprobs_of(last),
+                                finish_reason=last.finish_reason)
+            return ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                          usage=_usage(last))
+
+        is_first = True
+
+        def chunk(out: RequestOutput) -> ChatCompletionChunk | None:
+            nonlocal is_first
+            if not (is_first or out.new_text or out.finished or (params.logprobs and out.new_token_ids)):
+                return None
+            delta = ChatDelta(role="assistant" if is_first else None, content=out.new_text)
+            is_first = False
+            choice = ChatChunkChoice(delta=delta, logprobs=logprobs_of(out), finish_reason=out.finish_reason)
+            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
+
+        def usage_chunk(last: RequestOutput) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=_usage(last))
+
+        return await _stream(outputs, chunk, usage_chunk if body.include_usage else None)
+
+    return router
+
+
+def _sampling_params(body: SamplingFields, max_new_tokens: int, logprobs: bool) -> SamplingParams:
+    """OpenAI's defaults for what the client left out or sent as null; SamplingParams checks the ranges."""
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0, seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos), min_tokens=body.min_tokens or 0, logprobs=logprobs,
+    )
+
+
+def _until_context_end(sync, num_prompt_tokens: int) -> int:
+    """vLLM's default when max_tokens is absent: whatever the context has left. Capped by the KV pool,
+    which the engine refuses to exceed; an over-long prompt still gets 1 so the engine reports it."""
+    room = min(sync.max_model_len, sync.pages.num_pages * sync.pages.page_size)
+    return max(1, room - num_prompt_tokens)
+
+
+async def _collect(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Fold every delta into one output that holds the whole text, tokens and logprobs."""
+    text, token_ids, logprobs, last = [], [], [], None
+    async for out in outputs:
+        text.append(out.new_text)
+        token_ids += out.new_token_ids
+        logprobs += out.new_logprobs or []
+        last = out
+    last.new_text, last.new_token_ids, last.new_logprobs = "".join(text), token_ids, logprobs
+    return last
+
+
+async def _stream(outputs: AsyncIterator[RequestOutput], chunk: ChunkBuilder,
+                  usage_chunk: ChunkBuilder | None) -> StreamingResponse:
+    first = await anext(outputs)  # admission errors (unknown task, full queue) become a status code here
+    return StreamingResponse(_sse(first, outputs, chunk, usage_chunk), media_type="text/event-stream")
+
+
+async def _sse(first: RequestOutput, rest: AsyncIterator[RequestOutput], chunk: ChunkBuilder,
+               usage_chunk: ChunkBuilder | None) -> AsyncIterator[str]:
+    """`data: {chunk}` events, the usage chunk if asked for, then `data: [DONE]`. Closing this
+    generator (the client left) closes `rest`, which aborts the request in the engine."""
+    try:
+        out = first
+        while True:
+            piece = chunk(out)
+            if piece is not None:
+                yield f"data: {piece.model_dump_json()}\n\n"
+            if out.finished:
+                break
+            out = await anext(rest)
+        if usage_chunk is not None:
+            yield f"data: {usage_chunk(out).model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+    except PrefixServeError as exc:  # after the 200 went out, an error can only be an event (the client raises it)
+        yield "data: " + json.dumps({"error": {"type": exc.code, "message": exc.message}}) + "\n\n"
+    finally:
+        await rest.aclose()
+
+
+def _usage(last: RequestOutput) -> Usage:
+    return Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_output_tokens,
+                 total_tokens=last.num_prompt_tokens + last.num_output_tokens)
+
+
+def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    # Each token decoded alone, as OpenAI shows them (a byte-level piece may decode to U+FFFD).
+    return [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in token_ids]
+
+
+def _completion_logprobs(tokenizer, out: RequestOutput, offset: int) -> CompletionLogprobs:
+    tokens, logprobs = _token_texts(tokenizer, out.new_token_ids), out.new_logprobs or []
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, text_offset=offsets,
+                              top_logprobs=[{t: lp} for t, lp in zip(tokens, logprobs)])
+
+
+def _chat_logprobs(tokenizer, out: RequestOutput) -> ChatLogprobs:
+    tokens = _token_texts(tokenizer, out.new_token_ids)
+    return ChatLogprobs(content=[ChatTokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
+                                 for t, lp in zip(tokens, out.new_logprobs or [])])
