@@ -86,7 +86,8 @@ class AdapterManager:
         self._subspaces: set[str] = set()  # subspace versions seen here: refused at admission
         self._loader = ThreadPoolExecutor(num_loaders, thread_name_prefix="prefixserve-adapter-load")
         self._unsubscribe = store.subscribe(self._on_store_event)
-        self.cold_loads = 0
+        self.cold_loads = 0  # versions fetched from the store for a request
+        self.device_evictions = 0  # idle versions dropped from the device to make room
 
     def close(self) -> None:
         self._unsubscribe()
@@ -255,6 +256,7 @@ class AdapterManager:
                 break
             freed += len(handle.prefix_pages)
             self._drop(handle)
+            self.device_evictions += 1
         return freed
 
     def _pin(self, request: Request, handle: AdapterHandle) -> None:
@@ -373,6 +375,7 @@ class AdapterManager:
                 return
             if not handle.num_users and (handle.lora_slot >= 0 if lora_only else True):
                 self._drop(handle)
+                self.device_evictions += 1
 
     def _maybe_free(self, version: str) -> None:
         handle = self._resident.get(version)

@@ -232,11 +232,14 @@ class LLMEngine:
                 visible = visible[:max(request.num_emitted_chars, len(visible) - held_back)]
             new_text = visible[request.num_emitted_chars:]
             request.num_emitted_chars = len(visible)
+        queue_time = None
+        if new_tokens and request.num_output_tokens == 1 and request.first_scheduled_time is not None:
+            queue_time = request.first_scheduled_time - request.arrival_time
         return RequestOutput(
             request_id=request.request_id, new_token_ids=new_tokens, new_text=new_text, finished=finished,
             finish_reason=request.status.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
-            new_logprobs=[logprob] if logprob is not None else None,
+            new_logprobs=[logprob] if logprob is not None else None, queue_time_s=queue_time,
         )
 
     # ---- offline convenience -------------------------------------------------------------------

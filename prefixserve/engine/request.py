@@ -90,6 +90,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     new_logprobs: list[float] | None = None
     error: Exception | None = None  # set with finish_reason "error"
+    queue_time_s: float | None = None  # on the first token's output: arrival -> first scheduled
 
 
 @dataclass(eq=False)
@@ -101,6 +102,7 @@ class Request:
     task: str | None = None  # None = the plain backbone
     task_version: str | None = None  # the adapter version pinned at arrival
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set by the scheduler on first admission
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     page_ids: list[int] = field(default_factory=list)

@@ -7,6 +7,7 @@ sampled tokens are kept, so the result is unchanged)."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class Scheduler:
             if not self._reserve(request, n):
                 break
             self.waiting.remove(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.requests.append(request)

@@ -8,7 +8,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
@@ -16,6 +17,7 @@ from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.errors import PrefixServeError
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.errors import error_response, install_error_handlers
+from prefixserve.server.metrics import ServerMetrics
 from prefixserve.server.openai_routes import openai_router
 from prefixserve.server.protocol import GenerateRequest, GenerateResponse
 from prefixserve.server.tasks_routes import tasks_router
@@ -27,11 +29,17 @@ def create_app(engine: AsyncEngine) -> FastAPI:
     app.state.engine = engine
     install_error_handlers(app)
     store = engine.engine.store
+    metrics = ServerMetrics(engine.engine)
     app.include_router(openai_router(
         engine, engine_task=lambda model: tenant_task(DEFAULT_TENANT, model, backbone.name),
-        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/"))))
+        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/")),
+        track=lambda outputs, model: metrics.track(outputs, DEFAULT_TENANT, model)))
     app.include_router(tasks_router(engine))
     backbone = engine.engine.backbone
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:
@@ -56,7 +64,8 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         if body.messages is not None:
             prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
-        outputs = engine.generate(prompt, params, prompt_ids, request_id, task=engine_task)
+        outputs = metrics.track(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task),
+                                DEFAULT_TENANT, task)
         if body.stream:
             first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
             return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")

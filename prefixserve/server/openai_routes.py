@@ -48,6 +48,7 @@ def openai_router(
     engine: AsyncEngine,
     engine_task: Callable[[str], str | None] | None = None,
     list_tasks: Callable[[], list[str]] | None = None,
+    track: Callable[[AsyncIterator[RequestOutput], str], AsyncIterator[RequestOutput]] | None = None,
 ) -> APIRouter:
     """`engine_task(model)` maps a request's `model` to the engine's task (None: the plain backbone);
     `list_tasks()` names the tasks `/v1/models` lists besides "base". Both are hooks for the
@@ -56,6 +57,7 @@ def openai_router(
     backbone = sync.backbone
     engine_task = engine_task or (lambda model: None if model in (BASE_TASK, backbone.name) else model)
     list_tasks = list_tasks or (lambda: sorted(sync.adapters.tasks()))
+    track = track or (lambda outputs, model: outputs)  # metrics hook: observe a request's outputs
     started = int(time.time())
     router = APIRouter(tags=["openai"])
 
@@ -75,7 +77,7 @@ def openai_router(
                 prompt, prompt_ids = None, backbone.tokenizer(prompt).input_ids  # as make_request would
             max_new_tokens = _until_context_end(sync, len(prompt_ids or ()))
         params = _sampling_params(body, max_new_tokens, logprobs=body.logprobs is not None)
-        outputs = engine.generate(prompt, params, prompt_ids, request_id, task=engine_task(model))
+        outputs = track(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task(model)), model)
 
         def completion(out: RequestOutput, text: str, offset: int) -> CompletionResponse:
             logprobs = _completion_logprobs(backbone.tokenizer, out, offset) if params.logprobs else None
@@ -111,7 +113,7 @@ def openai_router(
         prompt_ids = chat_prompt_ids(backbone.tokenizer, messages)
         max_new_tokens = body.max_new_tokens or _until_context_end(sync, len(prompt_ids))
         params = _sampling_params(body, max_new_tokens, logprobs=bool(body.logprobs))
-        outputs = engine.generate(None, params, prompt_ids, request_id, task=engine_task(model))
+        outputs = track(engine.generate(None, params, prompt_ids, request_id, task=engine_task(model)), model)
 
         def logprobs_of(out: RequestOutput) -> ChatLogprobs | None:
             return _chat_logprobs(backbone.tokenizer, out) if params.logprobs else None

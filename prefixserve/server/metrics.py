@@ -1,0 +1,103 @@
+"""Prometheus metrics: per request (tokens, requests, queue time, TTFT, time per output token, by
+tenant and task) observed as outputs stream by, and engine state (queues, KV pages, adapter cold
+loads, host/device cache hits and evictions) read at scrape time. One registry per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.request import RequestOutput
+from prefixserve.errors import PrefixServeError
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self, engine: LLMEngine):
+        self.registry = CollectorRegistry()
+        labels = ["tenant", "task"]
+        r = self.registry
+        self.requests = Counter("prefixserve_requests", "Finished requests", [*labels, "finish_reason"], registry=r)
+        self.errors = Counter("prefixserve_request_errors", "Requests refused or failed", [*labels, "type"],
+                              registry=r)
+        self.prompt_tokens = Counter("prefixserve_prompt_tokens", "Prompt tokens of finished requests", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("prefixserve_generation_tokens", "Generated tokens", labels, registry=r)
+        self.queue_time = Histogram("prefixserve_queue_time_seconds", "Arrival to first scheduled step", labels,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("prefixserve_time_to_first_token_seconds", "Arrival to first token", labels,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("prefixserve_time_per_output_token_seconds", "Mean gap between output tokens",
+                              labels, buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(self, outputs: AsyncIterator[RequestOutput], tenant: str, task: str | None
+                    ) -> AsyncIterator[RequestOutput]:
+        """Pass outputs through, observing them. Closing this closes `outputs` (aborting the request)."""
+        labels = (tenant, task or "base")
+        start, first_token_at, last = time.monotonic(), None, None
+        try:
+            async for out in outputs:
+                if first_token_at is None and out.new_token_ids:
+                    first_token_at = time.monotonic()
+                    self.ttft.labels(*labels).observe(first_token_at - start)
+                    if out.queue_time_s is not None:
+                        self.queue_time.labels(*labels).observe(out.queue_time_s)
+                last = out
+                yield out
+        except PrefixServeError as exc:
+            self.errors.labels(*labels, exc.code).inc()
+            raise
+        finally:
+            await outputs.aclose()
+            if last is not None:
+                self._finish(labels, last, first_token_at)
+
+    def _finish(self, labels, last: RequestOutput, first_token_at: float | None) -> None:
+        self.requests.labels(*labels, last.finish_reason if last.finished else "abort").inc()
+        self.prompt_tokens.labels(*labels).inc(last.num_prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(last.num_output_tokens)
+        if first_token_at is not None and last.num_output_tokens > 1:
+            gap = (time.monotonic() - first_token_at) / (last.num_output_tokens - 1)
+            self.tpot.labels(*labels).observe(gap)
+
+
+class _EngineCollector:
+    """Engine state read when Prometheus scrapes (plain reads of counters the engine thread keeps)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        e, adapters = self.engine, self.engine.adapters
+        yield _gauge("prefixserve_running_requests", "Requests in the running batch", len(e.scheduler.running))
+        yield _gauge("prefixserve_waiting_requests", "Requests waiting (incl. for their adapter)",
+                     len(e.scheduler.waiting))
+        yield _gauge("prefixserve_kv_pages_free", "Free pages of the KV pool", e.pages.num_free_pages)
+        yield _gauge("prefixserve_kv_pages_total", "Pages of the KV pool", e.pages.num_pages)
+        yield _gauge("prefixserve_adapters_on_device", "Adapter versions resident on the device",
+                     len(adapters._resident))
+        yield _gauge("prefixserve_host_cache_bytes", "Decoded adapters held in host memory", adapters.host.num_bytes)
+        yield _counter("prefixserve_adapter_cold_loads", "Adapter versions fetched from the store for a request",
+                       adapters.cold_loads)
+        yield _counter("prefixserve_host_cache_hits", "Host cache hits", adapters.host.hits)
+        yield _counter("prefixserve_host_cache_misses", "Host cache misses", adapters.host.misses)
+        yield _counter("prefixserve_host_cache_evictions", "Host cache evictions", adapters.host.evictions)
+        yield _counter("prefixserve_device_evictions", "Idle adapter versions dropped from the device for room",
+                       adapters.device_evictions)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
