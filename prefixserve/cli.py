@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     load_adapters(sync_engine, args.adapter)
     engine = AsyncEngine(sync_engine)
     try:
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(engine, args.request_timeout), host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
         sync_engine.close()
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     _engine_args(serve)
     serve.add_argument("--host", default=os.environ.get("PREFIXSERVE_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PREFIXSERVE_PORT", "8000")))
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a generation request may run before it is stopped (504)")
     serve.set_defaults(func=cmd_serve)
     prepare = sub.add_parser("prepare", help="dequantize the embedded backbone into the cache dir")
     prepare.add_argument("--cache-dir", default=os.environ.get("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir))

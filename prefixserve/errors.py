@@ -66,6 +66,20 @@ class StoreCorruptError(PrefixServeError):
     code = "store_corrupt"
 
 
+class RequestTimeoutError(PrefixServeError):
+    """A request ran past the server's per-request time limit; it was aborted and its pages freed."""
+
+    status_code = 504
+    code = "timeout"
+
+
+class NotAvailableError(PrefixServeError):
+    """The endpoint exists in the API but this server cannot serve it yet."""
+
+    status_code = 501
+    code = "not_implemented"
+
+
 class EngineOverloadedError(PrefixServeError):
     """The engine's bounded waiting queue is full; the caller should retry later."""
 

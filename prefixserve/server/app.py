@@ -14,8 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
-from prefixserve.errors import PrefixServeError
+from prefixserve.errors import NotAvailableError, PrefixServeError
 from prefixserve.server.chat import chat_prompt_ids
+from prefixserve.server.deadline import with_deadline
 from prefixserve.server.errors import error_response, install_error_handlers
 from prefixserve.server.metrics import ServerMetrics
 from prefixserve.server.openai_routes import openai_router
@@ -24,18 +25,32 @@ from prefixserve.server.tasks_routes import tasks_router
 from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task, tenant_tasks
 
 
-def create_app(engine: AsyncEngine) -> FastAPI:
+def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0) -> FastAPI:
+    """`request_timeout_s` bounds every generation request (a 504 after it; the request is aborted)."""
     app = FastAPI(title="prefixserve", version="0.1.0")
     app.state.engine = engine
     install_error_handlers(app)
     store = engine.engine.store
     metrics = ServerMetrics(engine.engine)
+
+    def observed(outputs, task: str | None):
+        """Every route's outputs: bounded in time, then counted."""
+        return metrics.track(with_deadline(outputs, request_timeout_s), DEFAULT_TENANT, task)
+
     app.include_router(openai_router(
         engine, engine_task=lambda model: tenant_task(DEFAULT_TENANT, model, backbone.name),
-        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/")),
-        track=lambda outputs, model: metrics.track(outputs, DEFAULT_TENANT, model)))
+        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/")), track=observed))
     app.include_router(tasks_router(engine))
     backbone = engine.engine.backbone
+
+    @app.post("/v1/training/jobs", status_code=501)
+    async def submit_training_job() -> JSONResponse:
+        raise NotAvailableError("training jobs are not served yet: the training worker is not part of this "
+                                "server; train with peft and upload the adapter with PUT /v1/tasks/{task}")
+
+    @app.get("/v1/training/jobs/{job_id}", status_code=501)
+    async def training_job(job_id: str) -> JSONResponse:
+        raise NotAvailableError(f"training jobs are not served yet, so there is no job {job_id!r}")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -64,8 +79,7 @@ def create_app(engine: AsyncEngine) -> FastAPI:
         if body.messages is not None:
             prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
-        outputs = metrics.track(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task),
-                                DEFAULT_TENANT, task)
+        outputs = observed(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task), task)
         if body.stream:
             first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
             return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")

@@ -1,43 +1,12 @@
-import socket
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
-
-from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig, SchedulerConfig
-from prefixserve.engine.async_engine import AsyncEngine
-from prefixserve.engine.llm_engine import LLMEngine
-from prefixserve.server.app import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from http_server import serving
 
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    """The real app under uvicorn on a loopback port; yields (base_url, sync engine)."""
-    sync = LLMEngine(smollm2, EngineConfig(cache=CacheConfig(num_pages=128),
-                                           scheduler=SchedulerConfig(max_num_seqs=8, max_waiting=4),
-                                           adapters=AdapterLimits(max_artifact_bytes=8 << 20)))
-    engine = AsyncEngine(sync)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", sync
-    srv.should_exit = True
-    thread.join(10)
-    engine.shutdown()
+    with serving(smollm2) as running:
+        yield running
 
 
 @pytest.fixture
