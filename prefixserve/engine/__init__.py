@@ -1,0 +1,1 @@
+"""Request state, scheduling, KV pages, adapter residency, the model runner and the engine loops."""

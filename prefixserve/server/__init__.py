@@ -1,0 +1,1 @@
+"""The HTTP server: FastAPI app, OpenAI-compatible and tasks routes, tenancy, metrics."""
