@@ -47,7 +47,10 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Leaving the loop early (a client disconnect)
         aborts the request, which frees its KV pages and its hold on the task's adapter."""
-        request = self.engine.make_request(prompt, params, prompt_token_ids, request_id, tenant, task)
+        # Off the event loop: tokenizing a long prompt, or a store lookup for a task not seen yet
+        # (a network round trip with Redis), must not stall every other connection.
+        request = await asyncio.to_thread(self.engine.make_request, prompt, params, prompt_token_ids, request_id,
+                                          tenant, task)
         queue: asyncio.Queue = asyncio.Queue()
         self._submit(request, queue)
         finished = False
