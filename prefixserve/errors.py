@@ -98,6 +98,51 @@ class EngineDeadError(PrefixServeError):
     code = "engine_dead"
 
 
+class UnauthorizedError(PrefixServeError):
+    """A missing or unknown API key (the message never says which keys exist)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(PrefixServeError):
+    """A valid key asked for something only the admin key may do."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class RateLimitedError(PrefixServeError):
+    """A tenant is over one of its limits (requests/min, tokens/min, concurrency, tasks, bytes)."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TrainingDataError(InvalidRequestError):
+    """A training job's data or hyperparameters cannot be trained on (says which line or field)."""
+
+    code = "invalid_training_data"
+
+
+class TrainingFailedError(PrefixServeError):
+    """A training job stopped without a usable adapter (e.g. the loss became NaN); nothing was published."""
+
+    status_code = 422
+    code = "training_failed"
+
+
+class JobNotFoundError(PrefixServeError):
+    """No training job with that id (for this tenant)."""
+
+    status_code = 404
+    code = "job_not_found"
+
+
 def expect(condition: bool, error: type[PrefixServeError], message: str) -> None:
     """Raise `error(message)` unless `condition` holds (input validation, never `assert`)."""
     if not condition:
