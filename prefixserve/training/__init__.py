@@ -1,0 +1,1 @@
+"""Offline training of task adapters: data, trainers, IPT, jobs, worker."""
