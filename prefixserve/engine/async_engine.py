@@ -44,13 +44,14 @@ class AsyncEngine:
         request_id: str | None = None,
         tenant: str = "default",
         task: str | None = None,
+        tenant_weight: float = 1.0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Leaving the loop early (a client disconnect)
         aborts the request, which frees its KV pages and its hold on the task's adapter."""
         # Off the event loop: tokenizing a long prompt, or a store lookup for a task not seen yet
         # (a network round trip with Redis), must not stall every other connection.
         request = await asyncio.to_thread(self.engine.make_request, prompt, params, prompt_token_ids, request_id,
-                                          tenant, task)
+                                          tenant, task, tenant_weight)
         queue: asyncio.Queue = asyncio.Queue()
         self._submit(request, queue)
         finished = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class LLMEngine:
         request_id: str | None = None,
         tenant: str = "default",
         task: str | None = None,
+        tenant_weight: float = 1.0,
     ) -> Request:
         """Tokenize and validate; touches no engine state (safe from any thread)."""
         if (prompt is None) == (prompt_token_ids is None):
@@ -103,7 +105,10 @@ class LLMEngine:
         if self.pages.pages_for(total) > self.pages.num_pages:
             raise InvalidRequestError(f"the request needs up to {total} tokens of KV cache, more than the whole "
                                       f"pool ({self.pages.num_pages * self.pages.page_size} tokens)")
-        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task, task_version=version)
+        if not (math.isfinite(tenant_weight) and tenant_weight > 0):
+            raise InvalidRequestError(f"expected a positive tenant weight, found {tenant_weight}")
+        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task, task_version=version,
+                       tenant_weight=tenant_weight)
 
     def _check_fits(self, num_prompt_tokens: int, prefix_len: int) -> None:
         if prefix_len + num_prompt_tokens >= self.max_model_len:

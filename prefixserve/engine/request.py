@@ -99,6 +99,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     tenant: str = "default"
+    tenant_weight: float = 1.0  # the tenant's share of the engine relative to others (fair scheduling)
     task: str | None = None  # None = the plain backbone
     task_version: str | None = None  # the adapter version pinned at arrival
     arrival_time: float = field(default_factory=time.monotonic)

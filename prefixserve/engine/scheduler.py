@@ -1,9 +1,14 @@
 """Continuous batching: which requests run this step and how many tokens each computes.
 
 Each step spends a token budget: running requests first (decode, or the next chunk of a long
-prefill), then waiting requests in FIFO order. When the KV pool is exhausted the most recently
-admitted running request is preempted: its pages are freed and it is recomputed later (its
-sampled tokens are kept, so the result is unchanged)."""
+prefill), then waiting requests. When the KV pool is exhausted the most recently admitted running
+request is preempted: its pages are freed and it is recomputed later (its sampled tokens are kept,
+so the result is unchanged).
+
+Tenants share the engine by weight (virtual token counters, as in VTC fair scheduling): every
+token a request computes adds 1/weight to its tenant's counter, and a free slot goes to the
+waiting tenant with the lowest counter (FIFO within a tenant). A tenant that was idle starts at
+the lowest counter of the active tenants, so idling banks no credit."""
 
 from __future__ import annotations
 
@@ -43,12 +48,20 @@ class Scheduler:
         self.reclaim_pages = reclaim_pages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # tenant -> tokens computed / weight, kept only while the tenant has unfinished requests
+        self.virtual_tokens: dict[str, float] = {}
+        self._num_unfinished: dict[str, int] = {}
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
     def add(self, request: Request) -> None:
+        tenant = request.tenant
+        if tenant not in self._num_unfinished:
+            self.virtual_tokens[tenant] = min(self.virtual_tokens.values(), default=0.0)
+            self._num_unfinished[tenant] = 0
+        self._num_unfinished[tenant] += 1
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
@@ -60,17 +73,26 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve_or_preempt(request, n, out):
                 break  # the request preempted itself: nothing later in `running` remains
-            out.requests.append(request)
-            out.num_new_tokens.append(n)
+            self._charge(request, n, out)
             budget -= n
             i += 1
-        # Admitting new work in a step that had to preempt would only thrash the pool. Requests
-        # whose adapter is still loading are passed over (FIFO among the rest).
-        for request in [] if out.preempted else list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                break
-            if request.adapter_pending:
-                continue
+        # Admitting new work in a step that had to preempt would only thrash the pool.
+        if not out.preempted:
+            self._admit(budget, out)
+        return out
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+        """Fill free slots from the waiting queue, lowest virtual counter first. Requests whose
+        adapter is still loading are passed over."""
+        queues: dict[str, deque[Request]] = {}
+        for request in self.waiting:
+            if not request.adapter_pending:
+                queues.setdefault(request.tenant, deque()).append(request)
+        while queues and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            tenant = min(queues, key=self.virtual_tokens.__getitem__)
+            request = queues[tenant].popleft()
+            if not queues[tenant]:
+                del queues[tenant]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, n):
                 break
@@ -79,10 +101,13 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.requests.append(request)
-            out.num_new_tokens.append(n)
+            self._charge(request, n, out)
             budget -= n
-        return out
+
+    def _charge(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> None:
+        out.requests.append(request)
+        out.num_new_tokens.append(num_new_tokens)
+        self.virtual_tokens[request.tenant] += num_new_tokens / request.tenant_weight
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Remove a request (finished or aborted) from the queues and free its pages."""
@@ -92,6 +117,10 @@ class Scheduler:
             self.waiting.remove(request)
         self._release(request)
         request.status = status
+        tenant = request.tenant
+        self._num_unfinished[tenant] -= 1
+        if not self._num_unfinished[tenant]:
+            del self._num_unfinished[tenant], self.virtual_tokens[tenant]
 
     def _reserve(self, request: Request, num_new_tokens: int) -> bool:
         needed = self.pages.pages_for(request.num_computed_tokens + num_new_tokens) - len(request.page_ids)

@@ -63,3 +63,62 @@ def test_finish_frees_pages():
     sched.schedule()
     sched.finish(r, RequestStatus.FINISHED_ABORTED)
     assert pages.num_free_pages == pages.num_pages and not sched.running and r.status.is_finished
+
+
+def tenant_request(rid, tenant, weight=1.0, n=4):
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_new_tokens=64), tenant=tenant,
+                   tenant_weight=weight)
+
+
+def run_backlogged(sched, weights, steps, per_tenant=40):
+    """Every tenant keeps `per_tenant` requests queued; returns tokens computed per tenant."""
+    served = dict.fromkeys(weights, 0)
+    counter = 0
+    for tenant, weight in weights.items():
+        for _ in range(per_tenant):
+            sched.add(tenant_request(f"{tenant}-{counter}", tenant, weight))
+            counter += 1
+    for _ in range(steps):
+        step = sched.schedule()
+        complete(step)
+        for r, n in zip(step.requests, step.num_new_tokens):
+            served[r.tenant] += n
+        for r in list(sched.running):  # short requests: finish after 8 output tokens, then refill
+            if r.num_output_tokens >= 8:
+                sched.finish(r, RequestStatus.FINISHED_LENGTH)
+                sched.add(tenant_request(f"{r.tenant}-{counter}", r.tenant, r.tenant_weight))
+                counter += 1
+    return served
+
+
+def test_backlogged_tenants_share_tokens_by_weight():
+    sched, _ = make(num_pages=256, max_num_seqs=8, budget=64)
+    served = run_backlogged(sched, {"a": 1.0, "b": 2.0, "c": 1.0}, steps=400)
+    total = sum(served.values())
+    for tenant, weight in {"a": 0.25, "b": 0.5, "c": 0.25}.items():
+        assert abs(served[tenant] / total - weight) < 0.02, served
+
+
+def test_a_late_tenant_is_not_queued_behind_another_tenants_backlog():
+    sched, _ = make(num_pages=256, max_num_seqs=2, budget=64)
+    for i in range(10):  # tenant a queues ten requests first; FIFO would run all ten before b0
+        sched.add(tenant_request(f"a{i}", "a"))
+    sched.add(tenant_request("b0", "b"))
+    step = sched.schedule()
+    assert [r.request_id for r in step.requests] == ["a0", "b0"]
+
+
+def test_an_idle_tenant_banks_no_credit():
+    sched, _ = make(num_pages=256, max_num_seqs=4, budget=64)
+    run_backlogged(sched, {"a": 1.0}, steps=50, per_tenant=4)
+    sched.add(tenant_request("late", "b"))
+    assert sched.virtual_tokens["b"] == min(v for t, v in sched.virtual_tokens.items() if t != "b")
+
+
+def test_tenant_counters_are_dropped_when_a_tenant_has_nothing_left():
+    sched, _ = make()
+    r = tenant_request("x", "t")
+    sched.add(r)
+    complete(sched.schedule())
+    sched.finish(r, RequestStatus.FINISHED_LENGTH)
+    assert sched.virtual_tokens == {} and sched._num_unfinished == {}
