@@ -16,14 +16,25 @@ from prefixserve.config import (
     SchedulerConfig,
 )
 
+DEFAULT_TENANTS_FILE = "~/.local/share/prefixserve/tenants.json"
+# Every environment variable the CLI reads -> what it sets (docs, Docker files and their test use it).
+ENV_SETTINGS: dict[str, str] = {}
+
+
+def env(name: str, default: str | None, doc: str) -> str | None:
+    """Read a setting from the environment, recording it in ENV_SETTINGS."""
+    ENV_SETTINGS[name] = doc
+    return os.environ.get(name, default)
+
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--model", default=env("PREFIXSERVE_MODEL", EMBEDDED_BACKBONE),
+    parser.add_argument("--model", default=env("PREFIXSERVE_MODEL", EMBEDDED_BACKBONE, "the backbone (--model)"),
                         help="'embedded' (SmolLM2-135M-Instruct) or a local Hugging Face model directory")
-    parser.add_argument("--cache-dir", default=env("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=env("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir,
+                                                   "where the embedded backbone is dequantized (--cache-dir)"))
+    parser.add_argument("--dtype", default=env("PREFIXSERVE_DTYPE", "float32", "weights and KV dtype (--dtype)"),
+                        choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=env("PREFIXSERVE_DEVICE", "cpu", "torch device, e.g. cuda (--device)"))
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--page-size", type=int, default=CacheConfig.page_size)
     parser.add_argument("--num-pages", type=int, default=None)
@@ -31,9 +42,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--redis-url", default=env("REDIS_URL"),
+    parser.add_argument("--redis-url", default=env("REDIS_URL", None, "Redis for tasks, tenants and jobs "
+                                                   "(--redis-url)"),
                         help="serve tasks from this Redis (shared by replicas); default: a local directory")
-    parser.add_argument("--store-dir", default=env("PREFIXSERVE_STORE_DIR", "~/.local/share/prefixserve/adapters"),
+    parser.add_argument("--store-dir", default=env("PREFIXSERVE_STORE_DIR", "~/.local/share/prefixserve/adapters",
+                                                   "the local adapter store without Redis (--store-dir)"),
                         help="the local adapter store when no Redis URL is given")
     parser.add_argument("--host-cache-mb", type=int, default=EngineConfig.host_cache_bytes >> 20,
                         help="decoded adapters kept in host memory")
@@ -96,6 +109,49 @@ def load_adapters(engine, specs: list[str]) -> None:
                                               artifact.version[:12])
 
 
+def authenticator(args: argparse.Namespace):
+    """API keys are on when a tenants file, Redis tenants or an admin key is configured; an admin
+    key alone keeps tenants in the Redis of --redis-url, else in the default tenants file."""
+    from pathlib import Path
+
+    from prefixserve.server.auth import Authenticator
+
+    tenants_file, admin_key = args.tenants_file, args.admin_key
+    if not (tenants_file or args.tenants_redis or admin_key):
+        return Authenticator()
+    if args.tenants_redis or (admin_key and not tenants_file and args.redis_url):
+        if not args.redis_url:
+            from prefixserve.errors import ConfigError
+
+            raise ConfigError("--tenants-redis needs a Redis URL (--redis-url or REDIS_URL)")
+        from prefixserve.server.tenants import RedisTenantRegistry
+
+        registry = RedisTenantRegistry(args.redis_url)
+    else:
+        from prefixserve.server.tenants import FileTenantRegistry
+
+        registry = FileTenantRegistry(Path(tenants_file or DEFAULT_TENANTS_FILE).expanduser())
+    return Authenticator(registry, admin_key or None)
+
+
+def check_exposure(host: str, auth_enabled: bool) -> None:
+    """Without API keys every caller is the default tenant: only this machine may call."""
+    import ipaddress
+
+    from prefixserve.errors import ConfigError
+
+    if auth_enabled or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"refusing to listen on {host!r} without API keys: every caller would be the default "
+                          f"tenant. Configure --admin-key (PREFIXSERVE_ADMIN_KEY) or --tenants-file, or listen on "
+                          f"127.0.0.1")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -103,11 +159,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.server.app import create_app
 
+    auth = authenticator(args)
+    check_exposure(args.host, auth.enabled)
     sync_engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(sync_engine, args.adapter)
     engine = AsyncEngine(sync_engine)
     try:
-        uvicorn.run(create_app(engine, args.request_timeout), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(engine, args.request_timeout, auth), host=args.host, port=args.port,
+                    log_level="info")
     finally:
         engine.shutdown()
         sync_engine.close()
@@ -137,18 +196,51 @@ def cmd_generate(args: argparse.Namespace) -> None:
         engine.close()
 
 
+def env_settings() -> dict[str, str]:
+    """Every environment variable any command reads, with what it sets."""
+    build_parser()
+    return dict(ENV_SETTINGS)
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from prefixserve.errors import PrefixServeError
+
+    try:
+        args.func(args)
+    except PrefixServeError as exc:
+        print(f"prefixserve: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixserve")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server")
     _engine_args(serve)
-    serve.add_argument("--host", default=os.environ.get("PREFIXSERVE_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PREFIXSERVE_PORT", "8000")))
-    serve.add_argument("--request-timeout", type=float, default=600.0,
+    serve.add_argument("--host", default=env("PREFIXSERVE_HOST", "127.0.0.1", "address to listen on (--host)"),
+                       help="without API keys only a loopback address is accepted")
+    serve.add_argument("--port", type=int, default=int(env("PREFIXSERVE_PORT", "8000", "port (--port)")))
+    serve.add_argument("--request-timeout", type=float,
+                       default=float(env("PREFIXSERVE_REQUEST_TIMEOUT", "600", "seconds a generation may run "
+                                         "(--request-timeout)")),
                        help="seconds a generation request may run before it is stopped (504)")
+    serve.add_argument("--admin-key", default=env("PREFIXSERVE_ADMIN_KEY", None, "the admin API key; turns API keys "
+                                                  "on (--admin-key)"),
+                       help="the key of the admin API (/v1/admin: tenants, limits, keys); turns API keys on")
+    serve.add_argument("--tenants-file", default=env("PREFIXSERVE_TENANTS_FILE", None, "JSON tenant registry; turns "
+                                                     "API keys on (--tenants-file)"),
+                       help=f"tenants, limits and key digests in a JSON file (default with --admin-key: "
+                            f"{DEFAULT_TENANTS_FILE}); turns API keys on")
+    serve.add_argument("--tenants-redis", action="store_true",
+                       default=env("PREFIXSERVE_TENANTS_REDIS", "", "1: tenants live in Redis "
+                                   "(--tenants-redis)") in ("1", "true", "yes"),
+                       help="keep tenants in the Redis of --redis-url (shared by replicas); turns API keys on")
     serve.set_defaults(func=cmd_serve)
     prepare = sub.add_parser("prepare", help="dequantize the embedded backbone into the cache dir")
-    prepare.add_argument("--cache-dir", default=os.environ.get("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir))
+    prepare.add_argument("--cache-dir", default=env("PREFIXSERVE_CACHE_DIR", ModelConfig.cache_dir,
+                                                    "where the embedded backbone is dequantized (--cache-dir)"))
     prepare.set_defaults(func=cmd_prepare)
     generate = sub.add_parser("generate", help="generate offline, without a server")
     _engine_args(generate)
@@ -158,15 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--task", default=None, help="a task in the store (see --adapter to add one)")
     generate.set_defaults(func=cmd_generate)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from prefixserve.errors import PrefixServeError
-
-    try:
-        args.func(args)
-    except PrefixServeError as exc:
-        print(f"prefixserve: {exc.message}", file=sys.stderr)
-        sys.exit(2)
+    return parser
 
 
 if __name__ == "__main__":

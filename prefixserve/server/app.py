@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -15,33 +15,44 @@ from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.errors import NotAvailableError, PrefixServeError
+from prefixserve.server.admin_routes import admin_router
+from prefixserve.server.auth import Authenticator, Caller
+from prefixserve.server.auth import caller as auth_caller
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.deadline import with_deadline
 from prefixserve.server.errors import error_response, install_error_handlers
 from prefixserve.server.metrics import ServerMetrics
 from prefixserve.server.openai_routes import openai_router
 from prefixserve.server.protocol import GenerateRequest, GenerateResponse
+from prefixserve.server.quotas import QuotaManager
 from prefixserve.server.tasks_routes import tasks_router
-from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task, tenant_tasks
+from prefixserve.server.tenancy import tenant_task, tenant_tasks
 
 
-def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0) -> FastAPI:
-    """`request_timeout_s` bounds every generation request (a 504 after it; the request is aborted)."""
+def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Authenticator | None = None) -> FastAPI:
+    """`request_timeout_s` bounds every generation request (a 504 after it; the request is aborted).
+    `auth` None: no API keys, every caller is tenant "default" (the CLI then binds loopback only)."""
     app = FastAPI(title="prefixserve", version="0.1.0")
     app.state.engine = engine
+    app.state.auth = auth = auth or Authenticator()
     install_error_handlers(app)
     store = engine.engine.store
+    backbone = engine.engine.backbone
     metrics = ServerMetrics(engine.engine)
+    quotas = QuotaManager()
 
-    def observed(outputs, task: str | None):
-        """Every route's outputs: bounded in time, then counted."""
-        return metrics.track(with_deadline(outputs, request_timeout_s), DEFAULT_TENANT, task)
+    def serve(caller: Caller, task: str | None, prompt: str | None, params: SamplingParams,
+              prompt_ids: list[int] | None, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Every route's generation: the caller's task, admitted by its limits, bounded in time, counted."""
+        engine_task = tenant_task(caller.tenant, task, backbone.name)
+        outputs = engine.generate(prompt, params, prompt_ids, request_id, tenant=caller.tenant, task=engine_task,
+                                  tenant_weight=caller.weight)
+        return metrics.track(with_deadline(quotas.guard(caller, outputs), request_timeout_s), caller.tenant, task)
 
     app.include_router(openai_router(
-        engine, engine_task=lambda model: tenant_task(DEFAULT_TENANT, model, backbone.name),
-        list_tasks=lambda: tenant_tasks(DEFAULT_TENANT, store.list_tasks(f"{DEFAULT_TENANT}/")), track=observed))
+        engine, serve, list_tasks=lambda caller: tenant_tasks(caller.tenant, store.list_tasks(f"{caller.tenant}/"))))
     app.include_router(tasks_router(engine))
-    backbone = engine.engine.backbone
+    app.include_router(admin_router(auth))
 
     @app.post("/v1/training/jobs", status_code=501)
     async def submit_training_job() -> JSONResponse:
@@ -71,15 +82,14 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0) -> FastAPI
         return JSONResponse({"status": "ready", "backbone": backbone.name})
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, caller: Caller = Depends(auth_caller)):
         task = body.task or BASE_TASK
-        engine_task = tenant_task(DEFAULT_TENANT, task, backbone.name)
         params = _sampling_params(body)
         prompt, prompt_ids = body.prompt, None
         if body.messages is not None:
             prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
-        outputs = observed(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task), task)
+        outputs = serve(caller, task, prompt, params, prompt_ids, request_id)
         if body.stream:
             first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
             return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")

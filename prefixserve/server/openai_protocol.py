@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prefixserve.server.protocol import NON_NEGATIVE, SEED, STOP, STOP_TOKEN_IDS, TOP_P, accepts
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -22,22 +24,22 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # the task id; None / "base" / the backbone's name: the plain backbone
-    temperature: float | None = None  # None: 1.0, OpenAI's default
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    temperature: float | None = Field(None, json_schema_extra=NON_NEGATIVE)  # None: 1.0, OpenAI's default
+    top_p: float | None = Field(None, json_schema_extra=TOP_P)
+    n: int | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
+    stop: str | list[str] | None = Field(None, json_schema_extra=STOP)
+    seed: int | None = Field(None, json_schema_extra=SEED)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; tenants come from the API key, not from here
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
+    frequency_penalty: float | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=accepts(object={"maxProperties": 0}))
     # vLLM extensions (sent by benchmark tools such as vllm bench / genai-perf)
     top_k: int | None = Field(None, ge=-1)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
 
     @field_validator("n")
     @classmethod
@@ -66,12 +68,14 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]  # text or token ids; a list of one string is unwrapped below
+    # text or token ids; a list of one string is unwrapped below
+    prompt: str | list[int] = Field(json_schema_extra=accepts(
+        string={"minLength": 1}, array={"minItems": 1, "items": {"type": "integer", "minimum": 0}}))
     max_tokens: int | None = Field(16, ge=1)  # null: until the context ends or EOS (as vLLM)
     logprobs: int | None = Field(None, ge=0)  # any value: the chosen tokens' logprobs (no alternatives)
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: bool | None = Field(False, json_schema_extra=accepts(boolean={"const": False}))
+    best_of: int | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
+    suffix: str | None = Field(None, json_schema_extra=accepts(string={"maxLength": 0}))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -112,7 +116,7 @@ class CompletionRequest(SamplingFields):
 class ChatContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: str
+    type: str = Field(json_schema_extra=accepts(string={"const": "text"}))  # no images or audio here
     text: str | None = None
 
 
@@ -137,7 +141,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)  # null: until the context ends or EOS
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, json_schema_extra=accepts(integer={"const": 0}))
 
     @field_validator("top_logprobs")
     @classmethod

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -18,6 +18,8 @@ from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.errors import PrefixServeError
+from prefixserve.server import auth
+from prefixserve.server.auth import Caller
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.openai_protocol import (
     ChatChoice,
@@ -38,37 +40,35 @@ from prefixserve.server.openai_protocol import (
     SamplingFields,
     Usage,
 )
-from prefixserve.server.protocol import ChatMessage
+from prefixserve.server.protocol import ChatMessage, error_responses, event_stream_response
 
 # Builds one stream chunk from one engine output, or None when there is nothing to send yet.
 ChunkBuilder = Callable[[RequestOutput], BaseModel | None]
 
 
-def openai_router(
-    engine: AsyncEngine,
-    engine_task: Callable[[str], str | None] | None = None,
-    list_tasks: Callable[[], list[str]] | None = None,
-    track: Callable[[AsyncIterator[RequestOutput], str], AsyncIterator[RequestOutput]] | None = None,
-) -> APIRouter:
-    """`engine_task(model)` maps a request's `model` to the engine's task (None: the plain backbone);
-    `list_tasks()` names the tasks `/v1/models` lists besides "base". Both are hooks for the
-    tasks/tenancy layer; by default every model name is a task and every registered task is listed."""
+# serve(caller, model, prompt, params, prompt_ids, request_id) -> the request's outputs
+ServeFn = Callable[[Caller, str, str | None, SamplingParams, list[int] | None, str], AsyncIterator[RequestOutput]]
+
+
+def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Caller], list[str]]) -> APIRouter:
+    """`serve` runs a request for the caller with `model` as its task (the app maps it to the
+    tenant's namespace, meters and tracks it); `list_tasks(caller)` names the tasks `/v1/models`
+    lists besides "base" (it may read the store: it runs off the event loop)."""
     sync = engine.engine
     backbone = sync.backbone
-    engine_task = engine_task or (lambda model: None if model in (BASE_TASK, backbone.name) else model)
-    list_tasks = list_tasks or (lambda: sorted(sync.adapters.tasks()))
-    track = track or (lambda outputs, model: outputs)  # metrics hook: observe a request's outputs
     started = int(time.time())
     router = APIRouter(tags=["openai"])
+    generation_errors = error_responses(400, 401, 403, 404, 429, 503, 504)
 
-    @router.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
-        tasks = await asyncio.to_thread(list_tasks)  # a tenancy layer's list may read the store
+    @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 503))
+    async def models(caller: Caller = Depends(auth.caller)) -> ModelList:
+        tasks = await asyncio.to_thread(list_tasks, caller)
         names = dict.fromkeys([BASE_TASK, backbone.name, *tasks])  # ordered, without repeats
         return ModelList(data=[ModelCard(id=name, created=started) for name in names])
 
-    @router.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(body: CompletionRequest):
+    @router.post("/v1/completions", response_model=CompletionResponse,
+                 responses={**event_stream_response(CompletionResponse), **generation_errors})
+    async def completions(body: CompletionRequest, caller: Caller = Depends(auth.caller)):
         model, request_id, created = body.model or BASE_TASK, f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt, prompt_ids = (body.prompt, None) if isinstance(body.prompt, str) else (None, body.prompt)
         max_new_tokens = body.max_tokens
@@ -77,7 +77,7 @@ def openai_router(
                 prompt, prompt_ids = None, backbone.tokenizer(prompt).input_ids  # as make_request would
             max_new_tokens = _until_context_end(sync, len(prompt_ids or ()))
         params = _sampling_params(body, max_new_tokens, logprobs=body.logprobs is not None)
-        outputs = track(engine.generate(prompt, params, prompt_ids, request_id, task=engine_task(model)), model)
+        outputs = serve(caller, model, prompt, params, prompt_ids, request_id)
 
         def completion(out: RequestOutput, text: str, offset: int) -> CompletionResponse:
             logprobs = _completion_logprobs(backbone.tokenizer, out, offset) if params.logprobs else None
@@ -103,8 +103,9 @@ def openai_router(
 
         return await _stream(outputs, chunk, usage_chunk if body.include_usage else None)
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(body: ChatCompletionRequest):
+    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+                 responses={**event_stream_response(ChatCompletionChunk), **generation_errors})
+    async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(auth.caller)):
 
         model, request_id, created = body.model or BASE_TASK, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
@@ -113,7 +114,7 @@ def openai_router(
         prompt_ids = chat_prompt_ids(backbone.tokenizer, messages)
         max_new_tokens = body.max_new_tokens or _until_context_end(sync, len(prompt_ids))
         params = _sampling_params(body, max_new_tokens, logprobs=bool(body.logprobs))
-        outputs = track(engine.generate(None, params, prompt_ids, request_id, task=engine_task(model)), model)
+        outputs = serve(caller, model, None, params, prompt_ids, request_id)
 
         def logprobs_of(out: RequestOutput) -> ChatLogprobs | None:
             return _chat_logprobs(backbone.tokenizer, out) if params.logprobs else None

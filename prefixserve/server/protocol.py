@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def accepts(**keywords_by_type: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A field's `json_schema_extra` that documents which values it accepts, as JSON-schema keywords
+    per JSON type (`accepts(number={"minimum": 0})`) put on that type's branch of its schema. Only the
+    OpenAPI changes: the check that refuses the rest (SamplingParams, a validator) keeps its message."""
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            branch.update(keywords_by_type.get(branch.get("type"), {}))
+    return extra
+
+
+# What SamplingParams accepts, for the OpenAPI of both the native and the OpenAI-compatible API.
+NON_NEGATIVE = accepts(number={"minimum": 0}, integer={"minimum": 0})
+TOP_P = accepts(number={"exclusiveMinimum": 0, "maximum": 1})
+TOP_K = accepts(integer={"minimum": -1})
+SEED = accepts(integer={"minimum": 0, "maximum": 2**63 - 1})
+STOP = accepts(string={"minLength": 1}, array={"items": {"type": "string", "minLength": 1}, "maxItems": 16})
+STOP_TOKEN_IDS = accepts(array={"items": {"type": "integer", "minimum": 0}})
 
 
 class ChatMessage(BaseModel):
@@ -18,15 +38,15 @@ class GenerateRequest(BaseModel):
     task: str | None = None  # None / "base": the plain backbone (adapters arrive with the tasks API)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    max_new_tokens: int = Field(16, description="tokens to generate, > 0")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
+    max_new_tokens: int = Field(16, json_schema_extra=accepts(integer={"minimum": 1}))
+    temperature: float = Field(1.0, json_schema_extra=NON_NEGATIVE)
+    top_p: float = Field(1.0, json_schema_extra=TOP_P)
+    top_k: int = Field(0, json_schema_extra=TOP_K)
+    seed: int | None = Field(None, json_schema_extra=SEED)
+    stop: list[str] | str | None = Field(None, json_schema_extra=STOP)
+    stop_token_ids: list[int] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, json_schema_extra=NON_NEGATIVE)
     logprobs: bool = False
     stream: bool = False
 
@@ -54,3 +74,99 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class GenerateChunk(BaseModel):
+    """One event of `/v1/generate` with `"stream": true`."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class TaskVersion(BaseModel):
+    task: str
+    kind: str
+    version: str
+    num_bytes: int
+
+
+class TaskListEntry(BaseModel):
+    task: str
+    version: str
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskListEntry]
+
+
+class TaskRecord(BaseModel):
+    version: str
+    kind: str
+    num_bytes: int
+    created_at: float
+
+
+class TaskInfo(TaskVersion):
+    residency: Literal["device", "host", "store"]
+    history: list[TaskRecord]  # newest first; history[0] is current
+
+
+class TaskRollback(BaseModel):
+    task: str
+    version: str
+
+
+class TaskDeleted(BaseModel):
+    task: str
+    deleted: bool
+
+
+# ---- OpenAPI: what routes document besides their 200 ---------------------------------------------
+_ERROR_MEANINGS = {
+    400: "The request is invalid: the message names the field and what was expected",
+    401: "A missing or unknown API key",
+    403: "Only the admin key may do this",
+    404: "No such task for this caller",
+    413: "The upload is larger than the server's limit",
+    429: "Over one of the tenant's limits; retry after the Retry-After header's seconds",
+    501: "Not served by this server yet",
+    503: "Overloaded (retry after the Retry-After header's seconds), the engine stopped, or the adapter "
+         "store is unreachable",
+    504: "The request ran past the server's time limit and was stopped",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: the error statuses it can answer, every one in the `ErrorResponse` shape."""
+    return {code: {"model": ErrorResponse, "description": _ERROR_MEANINGS[code]} for code in status_codes}
+
+
+def event_stream_response(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for its 200 as Server-Sent Events (`"stream": true`), besides the JSON
+    answer. Each event's data is a chunk, an error that came after the 200 went out, or `[DONE]`;
+    `itemSchema` describes one event, as FastAPI's own event streams (and OpenAPI 3.2) do."""
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json",
+                       "contentSchema": {"anyOf": [_inlined_schema(chunk), _inlined_schema(ErrorResponse)]}}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"description": 'The answer; with "stream": true, Server-Sent Events',
+                  "content": {"text/event-stream": {"itemSchema": event}}}}
+
+
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's response schema with its `$defs` put in place: OpenAPI resolves `#/...` against
+    the whole document, so a schema outside `components` cannot keep `#/$defs/...` references."""
+    schema = model.model_json_schema(mode="serialization")
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)

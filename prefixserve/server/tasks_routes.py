@@ -7,13 +7,26 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
 from pydantic import BaseModel
 
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.errors import PayloadTooLargeError, TaskNotFoundError
-from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task, tenant_tasks
+from prefixserve.server import auth
+from prefixserve.server.auth import Caller
+from prefixserve.server.protocol import (
+    TaskDeleted,
+    TaskInfo,
+    TaskList,
+    TaskListEntry,
+    TaskRecord,
+    TaskRollback,
+    TaskVersion,
+    error_responses,
+)
+from prefixserve.server.quotas import check_store_quota
+from prefixserve.server.tenancy import tenant_task, tenant_tasks
 
 _CHUNK = 1 << 20
 
@@ -27,50 +40,53 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
     sync = engine.engine
     limits = sync.config.adapters
 
-    def name(task: str) -> str:
-        engine_task = tenant_task(DEFAULT_TENANT, task, sync.backbone.name)
+    def name(caller: Caller, task: str) -> str:
+        engine_task = tenant_task(caller.tenant, task, sync.backbone.name)
         if engine_task is None:
             raise TaskNotFoundError(f"{task!r} is the plain backbone, not a task")
         return engine_task
 
-    @router.put("/{task}", status_code=201)
-    async def upload(task: str, file: UploadFile = File(...)) -> dict:
-        engine_task = name(task)
+    @router.put("/{task}", status_code=201, responses=error_responses(400, 401, 403, 404, 413, 429, 503))
+    async def upload(task: str, file: UploadFile = File(...), caller: Caller = Depends(auth.caller)) -> TaskVersion:
+        engine_task = name(caller, task)
         data = await _read_bounded(file, limits.max_artifact_bytes)
         if not _is_safetensors(data):  # a PEFT adapter archive: convert it (CPU work, off the event loop)
             data = await asyncio.to_thread(import_peft, data, arch=sync.backbone.arch,
                                            fingerprint=sync.adapters.fingerprint, limits=limits)
+        await asyncio.to_thread(check_store_quota, caller, sync.store, engine_task, len(data))
         artifact = await engine.register_adapter(engine_task, data)
-        return {"task": task, "kind": artifact.kind, "version": artifact.version, "num_bytes": artifact.num_bytes}
+        return TaskVersion(task=task, kind=artifact.kind, version=artifact.version, num_bytes=artifact.num_bytes)
 
-    @router.get("")
-    async def list_tasks() -> dict:
-        current = await asyncio.to_thread(sync.store.list_tasks, f"{DEFAULT_TENANT}/")
-        return {"tasks": [{"task": t, "version": current[f"{DEFAULT_TENANT}/{t}"]}
-                          for t in tenant_tasks(DEFAULT_TENANT, current)]}
+    @router.get("", responses=error_responses(401, 403, 503))
+    async def list_tasks(caller: Caller = Depends(auth.caller)) -> TaskList:
+        tenant = caller.tenant
+        current = await asyncio.to_thread(sync.store.list_tasks, f"{tenant}/")
+        return TaskList(tasks=[TaskListEntry(task=t, version=current[f"{tenant}/{t}"])
+                               for t in tenant_tasks(tenant, current)])
 
-    @router.get("/{task}")
-    async def show(task: str) -> dict:
-        engine_task = name(task)
+    @router.get("/{task}", responses=error_responses(400, 401, 403, 404, 503))
+    async def show(task: str, caller: Caller = Depends(auth.caller)) -> TaskInfo:
+        engine_task = name(caller, task)
         history = await asyncio.to_thread(sync.store.history, engine_task)
         if not history:
             raise TaskNotFoundError(f"task {task!r} is not registered")
         current = history[0]
-        return {"task": task, "kind": current.kind, "version": current.version, "num_bytes": current.num_bytes,
-                "residency": sync.adapters.residency(current.version),
-                "history": [{"version": r.version, "kind": r.kind, "num_bytes": r.num_bytes,
-                             "created_at": r.created_at} for r in history]}
+        return TaskInfo(task=task, kind=current.kind, version=current.version, num_bytes=current.num_bytes,
+                        residency=sync.adapters.residency(current.version),
+                        history=[TaskRecord(version=r.version, kind=r.kind, num_bytes=r.num_bytes,
+                                            created_at=r.created_at) for r in history])
 
-    @router.post("/{task}/rollback")
-    async def rollback(task: str, body: RollbackBody | None = None) -> dict:
-        engine_task = name(task)
+    @router.post("/{task}/rollback", responses=error_responses(400, 401, 403, 404, 503))
+    async def rollback(task: str, body: RollbackBody | None = None,
+                       caller: Caller = Depends(auth.caller)) -> TaskRollback:
+        engine_task = name(caller, task)
         version = await engine.call(lambda e: e.rollback_adapter(engine_task, body.version if body else None))
-        return {"task": task, "version": version}
+        return TaskRollback(task=task, version=version)
 
-    @router.delete("/{task}")
-    async def delete(task: str) -> dict:
-        await engine.unregister_adapter(name(task))
-        return {"task": task, "deleted": True}
+    @router.delete("/{task}", responses=error_responses(400, 401, 403, 404, 503))
+    async def delete(task: str, caller: Caller = Depends(auth.caller)) -> TaskDeleted:
+        await engine.unregister_adapter(name(caller, task))
+        return TaskDeleted(task=task, deleted=True)
 
     return router
 

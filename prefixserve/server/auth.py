@@ -1,0 +1,85 @@
+"""Who is calling: `Authorization: Bearer <key>` -> a tenant, or the admin.
+
+Authentication is on when a tenant registry or an admin key is configured. Without either (the
+embedded default) the server only listens on loopback (the CLI refuses anything else) and every
+caller is tenant `default`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from prefixserve.errors import ForbiddenError, UnauthorizedError
+from prefixserve.server.tenancy import DEFAULT_TENANT
+from prefixserve.server.tenants import TenantLimits, TenantRegistry, key_digest
+
+MAX_KEY_CHARS = 512
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    weight: float = 1.0
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    is_admin: bool = False
+
+
+ANONYMOUS = Caller(DEFAULT_TENANT)
+ADMIN = Caller("", is_admin=True)
+
+
+class Authenticator:
+    def __init__(self, registry: TenantRegistry | None = None, admin_key: str | None = None):
+        self.registry = registry
+        # Kept as a digest and compared digest to digest in constant time.
+        self._admin_digest = key_digest(admin_key) if admin_key else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.registry is not None or self._admin_digest is not None
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller for an Authorization header; UnauthorizedError for a missing or unknown key.
+        The message is the same for every unknown key (it never says what exists)."""
+        if not self.enabled:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key or len(key) > MAX_KEY_CHARS:
+            raise UnauthorizedError("expected an 'Authorization: Bearer <API key>' header, found "
+                                    + ("none" if not authorization else "another form"))
+        digest = key_digest(key)
+        if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
+            return ADMIN
+        tenant = self.registry.tenant_for_digest(digest) if self.registry is not None else None
+        if tenant is None:
+            raise UnauthorizedError("the API key is not valid")
+        return Caller(tenant.name, tenant.weight, tenant.limits)
+
+
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency: the authenticated tenant of a request (admin keys are refused here)."""
+    found = await _authenticate(request)
+    if found.is_admin:
+        raise ForbiddenError("the admin key manages tenants (/v1/admin/...); use a tenant's API key for tasks "
+                             "and generation")
+    return found
+
+
+async def admin(request: Request) -> Caller:
+    """FastAPI dependency for /v1/admin: only the admin key."""
+    found = await _authenticate(request)
+    if not found.is_admin:
+        raise ForbiddenError("expected the admin key for /v1/admin, found a tenant's key")
+    return found
+
+
+async def _authenticate(request: Request) -> Caller:
+    auth: Authenticator = request.app.state.auth
+    if not auth.enabled:
+        return ANONYMOUS
+    # A Redis-backed registry is a network round trip: keep it off the event loop.
+    return await asyncio.to_thread(auth.authenticate, request.headers.get("authorization"))
