@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--task", default=None, help="a task in the store (see --adapter to add one)")
     generate.set_defaults(func=cmd_generate)
+    from prefixserve.clients.cli_commands import add_client_commands
+
+    add_client_commands(sub)  # tasks, chat, bench: over HTTP through the SDK
     return parser
 
 

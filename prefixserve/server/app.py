@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
-from prefixserve.errors import NotAvailableError, PrefixServeError
+from prefixserve.errors import PrefixServeError
 from prefixserve.server.admin_routes import admin_router
 from prefixserve.server.auth import Authenticator, Caller
 from prefixserve.server.auth import caller as auth_caller
@@ -27,11 +27,15 @@ from prefixserve.server.protocol import GenerateRequest, GenerateResponse
 from prefixserve.server.quotas import QuotaManager
 from prefixserve.server.tasks_routes import tasks_router
 from prefixserve.server.tenancy import tenant_task, tenant_tasks
+from prefixserve.server.training_routes import training_router
+from prefixserve.training.queue import JobQueue
 
 
-def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Authenticator | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Authenticator | None = None,
+               job_queue: JobQueue | None = None) -> FastAPI:
     """`request_timeout_s` bounds every generation request (a 504 after it; the request is aborted).
-    `auth` None: no API keys, every caller is tenant "default" (the CLI then binds loopback only)."""
+    `auth` None: no API keys, every caller is tenant "default" (the CLI then binds loopback only).
+    `job_queue` None: the training endpoints answer 501."""
     app = FastAPI(title="prefixserve", version="0.1.0")
     app.state.engine = engine
     app.state.auth = auth = auth or Authenticator()
@@ -53,15 +57,7 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
         engine, serve, list_tasks=lambda caller: tenant_tasks(caller.tenant, store.list_tasks(f"{caller.tenant}/"))))
     app.include_router(tasks_router(engine))
     app.include_router(admin_router(auth))
-
-    @app.post("/v1/training/jobs", status_code=501)
-    async def submit_training_job() -> JSONResponse:
-        raise NotAvailableError("training jobs are not served yet: the training worker is not part of this "
-                                "server; train with peft and upload the adapter with PUT /v1/tasks/{task}")
-
-    @app.get("/v1/training/jobs/{job_id}", status_code=501)
-    async def training_job(job_id: str) -> JSONResponse:
-        raise NotAvailableError(f"training jobs are not served yet, so there is no job {job_id!r}")
+    app.include_router(training_router(job_queue, backbone.name))
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

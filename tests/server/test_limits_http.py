@@ -24,7 +24,8 @@ def test_a_request_past_the_time_limit_is_a_504_and_is_aborted(smollm2):
         assert c.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 2}).status_code == 200
 
 
-def test_training_endpoints_answer_501_with_a_way_forward(client):
-    resp = client.post("/v1/training/jobs", json={"task": "x"})
-    assert resp.status_code == 501 and "PUT /v1/tasks/" in resp.json()["error"]["message"]
-    assert client.get("/v1/training/jobs/job-1").status_code == 501
+def test_training_endpoints_without_a_job_queue_answer_501(client):
+    body = {"task": "x", "kind": "prompt", "suite_task": "made_up_color"}
+    resp = client.post("/v1/training/jobs", json=body)
+    assert resp.status_code == 501 and "no training job queue" in resp.json()["error"]["message"]
+    assert client.get("/v1/training/jobs/" + "0" * 32).status_code == 501

@@ -1,0 +1,126 @@
+"""Training jobs over HTTP: submit a job spec to the queue the workers consume, and read its status,
+progress and metrics. Task names in a spec are the tenant's own; they are namespaced here, so a job
+can only publish to, decode with or learn from the submitting tenant's tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from prefixserve.errors import (
+    InvalidRequestError,
+    NotAvailableError,
+    PayloadTooLargeError,
+    TrainingDataError,
+)
+from prefixserve.server import auth
+from prefixserve.server.auth import Caller
+from prefixserve.server.protocol import error_responses
+from prefixserve.server.tenancy import tenant_task
+from prefixserve.training.queue import JobQueue, JobRecord, not_found
+from prefixserve.training.spec import parse_job_spec
+
+MAX_JOB_BODY_BYTES = 32 << 20  # a few thousand examples; bigger data sets belong in a suite or a file
+
+
+def training_router(queue: JobQueue | None, backbone_name: str) -> APIRouter:
+    router = APIRouter(prefix="/v1/training/jobs", tags=["training"],
+                       responses=error_responses(400, 401, 403, 404, 413, 501, 503))
+
+    def jobs() -> JobQueue:
+        if queue is None:
+            raise NotAvailableError("this server has no training job queue configured")
+        return queue
+
+    @router.post("", status_code=201)
+    async def submit(request: Request, caller: Caller = Depends(auth.caller)) -> JSONResponse:
+        """Queue a training job (JSON job spec: task, kind, examples | suite_task, hyperparameters,
+        eval_examples | eval_fraction, seed, sources). A worker (`prefixserve worker`) trains it and
+        publishes the task; poll GET /v1/training/jobs/{id} for progress."""
+        raw = await _json_body(request)
+        spec = parse_job_spec(namespaced(raw, caller.tenant, backbone_name))
+        _check_suite_tasks(spec)
+        record = await asyncio.to_thread(jobs().submit, spec, caller.tenant)
+        return JSONResponse(public(record, caller.tenant), status_code=201)
+
+    @router.get("")
+    async def list_jobs(caller: Caller = Depends(auth.caller)) -> dict:
+        records = await asyncio.to_thread(jobs().list_jobs, caller.tenant)
+        return {"jobs": [public(r, caller.tenant) for r in records]}
+
+    @router.get("/{job_id}")
+    async def show(job_id: str, caller: Caller = Depends(auth.caller)) -> dict:
+        """Status, attempts, latest progress (step, loss, ETA, eval metrics), final metrics, version, error."""
+        record = await asyncio.to_thread(jobs().get, job_id)
+        if record.tenant != caller.tenant:  # another tenant's job is answered as a missing one
+            raise not_found(job_id)  # the queue's own words for a missing job
+        return public(record, caller.tenant)
+
+    return router
+
+
+def namespaced(raw: object, tenant: str, backbone_name: str) -> object:
+    """The spec with every task name it holds mapped into the tenant's namespace."""
+    if not isinstance(raw, dict):
+        return raw
+    spec = dict(raw)
+
+    def task_name(value: object, field: str) -> object:
+        if not isinstance(value, str) or not value:
+            return value  # parse_job_spec says what was expected
+        engine_task = tenant_task(tenant, value, backbone_name)
+        if engine_task is None:
+            raise TrainingDataError(f"expected {field} to name a task, found the plain backbone {value!r}")
+        return engine_task
+
+    if "task" in spec:
+        spec["task"] = task_name(spec["task"], "'task'")
+    hp = spec.get("hyperparameters")
+    if isinstance(hp, dict) and "subspace" in hp:
+        spec["hyperparameters"] = {**hp, "subspace": task_name(hp["subspace"], "hyperparameters.subspace")}
+    if isinstance(spec.get("sources"), list):
+        spec["sources"] = [{**s, "task": task_name(s.get("task"), f"sources[{i}].task")} if isinstance(s, dict)
+                           else s for i, s in enumerate(spec["sources"])]
+    return spec
+
+
+def public(record: JobRecord, tenant: str) -> dict:
+    """The record as the tenant sees it: its own task names, no worker internals."""
+    data = record.to_dict()
+    data["task"] = data["task"].removeprefix(f"{tenant}/")
+    data.pop("worker_id", None)
+    data.pop("publishing_at", None)
+    return data
+
+
+def _check_suite_tasks(spec) -> None:
+    """Refuse an unknown built-in task now rather than in the worker. The suite needs the training
+    extra; a server without it leaves the check to the worker."""
+    names = [spec.suite_task] + [s["suite_task"] for s in spec.sources if "suite_task" in s]
+    names = [n for n in names if n is not None]
+    if not names:
+        return
+    try:
+        from prefixserve.training.tasks import TASK_NAMES
+    except ImportError:
+        return
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise TrainingDataError(f"expected suite tasks among {list(TASK_NAMES)}, found {unknown}")
+
+
+async def _json_body(request: Request) -> object:
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_JOB_BODY_BYTES:
+            raise PayloadTooLargeError(f"training job specs are limited to {MAX_JOB_BODY_BYTES} bytes; this one is "
+                                       f"larger (use a suite task, or fewer examples)")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise InvalidRequestError(f"expected a JSON job spec, found invalid JSON: {exc}") from None
