@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import uuid
@@ -23,6 +24,8 @@ from prefixserve.engine.sampler import Sampler
 from prefixserve.engine.scheduler import Scheduler
 from prefixserve.errors import EngineOverloadedError, InvalidRequestError
 from prefixserve.models.loader import Backbone, load_backbone
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +102,9 @@ class LLMEngine:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}), found "
                                       f"{next(t for t in ids if not (isinstance(t, int) and 0 <= t < vocab))!r}")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}), found {bad_stop[0]}")
         version = self.adapters.resolve(task)  # pinned now: a later upload does not affect this request
         self._check_fits(len(ids), self.adapters.prefix_len(version))
         total = min(len(ids) + params.max_new_tokens, self.max_model_len)
@@ -176,9 +182,29 @@ class LLMEngine:
             request.num_computed_tokens += n
         if not result.sampling_requests:
             return outputs
-        tokens, logprobs = self.sampler(result.logits, result.sampling_requests)
+        try:
+            tokens, logprobs = self.sampler(result.logits, result.sampling_requests)
+        except Exception:  # one request's parameters must not stop the loop for everyone: find it
+            return outputs + self._sample_each(result.logits, result.sampling_requests)
         for i, (request, token) in enumerate(zip(result.sampling_requests, tokens)):
             outputs.append(self._append_token(request, token, logprobs[i] if logprobs else None))
+        return outputs
+
+    def _sample_each(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
+        """Sample row by row; a request whose row cannot be sampled ends with an error, the rest go on."""
+        outputs = []
+        for i, request in enumerate(requests):
+            try:
+                tokens, logprobs = self.sampler(logits[i:i + 1], [request])
+            except Exception as exc:
+                logger.exception("sampling failed for request %s", request.request_id)
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                output = self._output(request, [], None)
+                output.error = InvalidRequestError(f"the request's sampling parameters could not be applied "
+                                                   f"({type(exc).__name__}: {exc}); the request was stopped")
+                outputs.append(output)
+                continue
+            outputs.append(self._append_token(request, tokens[0], logprobs[0] if logprobs else None))
         return outputs
 
     def _poll_adapters(self) -> list[RequestOutput]:

@@ -51,6 +51,7 @@ class Sampler:
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             # Drop tokens once the mass before them already reaches top_p (the top token always stays).
             drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+            drop[0] = False  # a top_p that rounds to 0 in fp32 would otherwise drop every token
             row = row.scatter(0, order[drop], float("-inf"))
         probs = row.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=request.generator))

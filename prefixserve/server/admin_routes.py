@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefixserve.errors import NotAvailableError
 from prefixserve.server.auth import Authenticator, admin
+from prefixserve.server.protocol import error_responses
 from prefixserve.server.tenants import TenantLimits, TenantRegistry
 
 
@@ -51,7 +52,8 @@ class NewKey(BaseModel):
 
 
 def admin_router(auth: Authenticator) -> APIRouter:
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)],
+                       responses=error_responses(400, 401, 403, 404, 409, 501, 503))
 
     def registry() -> TenantRegistry:
         if auth.registry is None:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from prefixserve.engine.adapters import BASE_TASK
@@ -23,7 +23,13 @@ from prefixserve.server.deadline import with_deadline
 from prefixserve.server.errors import error_response, install_error_handlers
 from prefixserve.server.metrics import ServerMetrics
 from prefixserve.server.openai_routes import openai_router
-from prefixserve.server.protocol import GenerateRequest, GenerateResponse
+from prefixserve.server.protocol import (
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    error_responses,
+    event_stream_response,
+)
 from prefixserve.server.quotas import QuotaManager
 from prefixserve.server.tasks_routes import tasks_router
 from prefixserve.server.tenancy import tenant_task, tenant_tasks
@@ -59,7 +65,7 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
     app.include_router(admin_router(auth))
     app.include_router(training_router(job_queue, backbone.name))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -67,7 +73,7 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=error_responses(503))
     async def ready() -> JSONResponse:
         if not engine.is_alive:
             return error_response(503, "not_ready", "the engine loop is not running")
@@ -77,7 +83,8 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
             return error_response(503, "not_ready", f"the adapter store is unreachable: {exc.message}")
         return JSONResponse({"status": "ready", "backbone": backbone.name})
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={
+        **event_stream_response(GenerateChunk), **error_responses(400, 401, 403, 404, 429, 503, 504)})
     async def generate(body: GenerateRequest, caller: Caller = Depends(auth_caller)):
         task = body.task or BASE_TASK
         params = _sampling_params(body)

@@ -10,6 +10,8 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Chat messages -> token ids, the generation prompt appended."""
     if tokenizer is None or not tokenizer.chat_template:
         raise InvalidRequestError("this backbone has no chat template; send a plain prompt instead of messages")
+    if not messages:
+        raise InvalidRequestError("expected at least one chat message, found an empty list")
     text = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                          add_generation_prompt=True)
     # The template already wrote the special tokens; tokenizing must not add a second BOS.

@@ -7,6 +7,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixserve.errors import PrefixServeError, TaskNotFoundError
 
@@ -29,7 +30,33 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Retry-After": str(max(1, round(retry_after)))}
         return error_response(exc.status_code, exc.code, message, headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes, wrong methods, bodies the framework cannot parse: the same error shape."""
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return error_response(exc.status_code, kind, str(exc.detail), exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return error_response(400, "invalid_request", problems)
+        return error_response(400, "invalid_request", "; ".join(_problem(e) for e in exc.errors()))
+
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        """Validation errors are 400s (routes document them), never FastAPI's default 422."""
+        schema = build_openapi()
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi
+
+
+def _problem(error: dict) -> str:
+    if error["type"] == "json_invalid":
+        return (f"body: expected JSON, found invalid JSON at character {error['loc'][-1]} "
+                f"({error.get('ctx', {}).get('error', 'parse error')})")
+    return f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"

@@ -37,7 +37,7 @@ class GenerateRequest(BaseModel):
 
     task: str | None = None  # None / "base": the plain backbone (adapters arrive with the tasks API)
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(16, json_schema_extra=accepts(integer={"minimum": 1}))
     temperature: float = Field(1.0, json_schema_extra=NON_NEGATIVE)
     top_p: float = Field(1.0, json_schema_extra=TOP_P)
@@ -126,11 +126,12 @@ class TaskDeleted(BaseModel):
 _ERROR_MEANINGS = {
     400: "The request is invalid: the message names the field and what was expected",
     401: "A missing or unknown API key",
-    403: "Only the admin key may do this",
-    404: "No such task for this caller",
+    403: "This key may not do this: the admin key only manages tenants, tenant keys never do",
+    404: "No such task, job or tenant for this caller",
+    409: "It already exists",
     413: "The upload is larger than the server's limit",
     429: "Over one of the tenant's limits; retry after the Retry-After header's seconds",
-    501: "Not served by this server yet",
+    501: "This server is not configured for it (e.g. training without a job queue)",
     503: "Overloaded (retry after the Retry-After header's seconds), the engine stopped, or the adapter "
          "store is unreachable",
     504: "The request ran past the server's time limit and was stopped",

@@ -8,7 +8,7 @@ import asyncio
 import json
 
 from fastapi import APIRouter, Depends, File, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.engine.async_engine import AsyncEngine
@@ -23,6 +23,7 @@ from prefixserve.server.protocol import (
     TaskRecord,
     TaskRollback,
     TaskVersion,
+    accepts,
     error_responses,
 )
 from prefixserve.server.quotas import check_store_quota
@@ -32,7 +33,8 @@ _CHUNK = 1 << 20
 
 
 class RollbackBody(BaseModel):
-    version: str | None = None  # None: the version before the current one
+    # None: the version before the current one. Versions are sha256 hex digests (the store checks it).
+    version: str | None = Field(None, json_schema_extra=accepts(string={"pattern": "^[0-9a-f]{64}$"}))
 
 
 def tasks_router(engine: AsyncEngine) -> APIRouter:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from prefixserve.adapters_store.store import MAX_TASK_NAME_CHARS
 from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.errors import InvalidRequestError
 
@@ -18,6 +19,9 @@ def tenant_task(tenant: str, task: str | None, backbone_name: str) -> str | None
         return None
     if "/" in task:
         raise InvalidRequestError(f"task names may not contain '/', found {task!r}")
+    max_chars = MAX_TASK_NAME_CHARS - len(tenant) - 1  # the store's limit covers "<tenant>/<task>"
+    if not 0 < len(task) <= max_chars or not task.isprintable():
+        raise InvalidRequestError(f"expected a task name of 1..{max_chars} printable characters, found {task!r:.80}")
     return f"{tenant}/{task}"
 
 
