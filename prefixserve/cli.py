@@ -158,18 +158,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from prefixserve.engine.async_engine import AsyncEngine
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.server.app import create_app
+    from prefixserve.training.cli_commands import make_queue
 
     auth = authenticator(args)
     check_exposure(args.host, auth.enabled)
     sync_engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(sync_engine, args.adapter)
     engine = AsyncEngine(sync_engine)
+    jobs = make_queue(args)
     try:
-        uvicorn.run(create_app(engine, args.request_timeout, auth), host=args.host, port=args.port,
+        uvicorn.run(create_app(engine, args.request_timeout, auth, jobs), host=args.host, port=args.port,
                     log_level="info")
     finally:
         engine.shutdown()
         sync_engine.close()
+        jobs.close()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -253,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     from prefixserve.clients.cli_commands import add_client_commands
 
     add_client_commands(sub)  # tasks, chat, bench: over HTTP through the SDK
+    from prefixserve.training.cli_commands import add_queue_args, add_training_commands
+
+    add_training_commands(sub, add_engine_args=_engine_args, make_store=adapter_store, env=env)
+    add_queue_args(serve, env)  # the queue behind /v1/training/jobs (Redis when --redis-url is given)
     return parser
 
 
