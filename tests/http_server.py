@@ -20,11 +20,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(backbone, engine_config: EngineConfig | None = None, **app_options):
+def serving(backbone, engine_config: EngineConfig | None = None, store=None, **app_options):
     """The real app under uvicorn on a loopback port; yields (base_url, sync engine)."""
     sync = LLMEngine(backbone, engine_config or EngineConfig(
         cache=CacheConfig(num_pages=128), scheduler=SchedulerConfig(max_num_seqs=8, max_waiting=4),
-        adapters=AdapterLimits(max_artifact_bytes=8 << 20)))
+        adapters=AdapterLimits(max_artifact_bytes=8 << 20)), store)
     engine = AsyncEngine(sync)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine, **app_options), host="127.0.0.1", port=port,

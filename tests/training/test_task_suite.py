@@ -82,11 +82,31 @@ def test_same_seed_same_examples_in_another_process(tasks):
 def test_another_seed_gives_other_examples(name, tasks):
     other = build_task(name, seed=1)
     assert other.train != tasks[name].train and other.eval != tasks[name].eval
-    if tasks[name].family == "mapping":  # the same word gets its label from the seed, not from the word
-        labels0 = {e["input"]: e["output"] for e in tasks[name].train + tasks[name].eval}
-        shared = [e for e in other.train + other.eval if e["input"] in labels0]
-        if len(shared) >= 20:
-            assert sum(labels0[e["input"]] != e["output"] for e in shared) >= len(shared) // 4
+    if tasks[name].family == "mapping":  # the seed picks the keywords and their labels
+        assert keyword_labels(tasks[name]) != keyword_labels(other)
+
+
+def keyword_labels(task) -> dict[str, str]:
+    """keyword -> label of a mapping task: the word its inputs share, by label."""
+    words = {}
+    for e in task.train + task.eval:
+        for w in e["input"].split():
+            words.setdefault(w, set()).add(e["output"])
+    counts = {w: sum(w in e["input"].split() for e in task.train + task.eval) for w in words}
+    return {w: next(iter(labs)) for w, labs in words.items() if len(labs) == 1 and counts[w] > 4}
+
+
+def test_mapping_eval_keywords_were_all_seen_in_training_with_the_same_label(tasks):
+    """Otherwise the mapping could not be learned: eval would measure chance."""
+    for task in tasks.values():
+        if task.family != "mapping":
+            continue
+        mapping = keyword_labels(task)
+        assert len(mapping) == 4 * len(task.labels), (task.name, len(mapping))
+        for e in task.eval:
+            (keyword,) = [w for w in e["input"].split() if w in mapping]
+            assert mapping[keyword] == e["output"]
+            assert any(keyword in t["input"].split() for t in task.train)
 
 
 def test_outputs_and_inputs_are_short_for_smollm2(tasks, smollm2_dir):

@@ -1,0 +1,88 @@
+"""parse_job_spec: every bad field is refused with a message naming it; a valid spec round-trips
+through to_dict -> JSON -> parse_job_spec (how the queues store jobs)."""
+
+import json
+
+import pytest
+
+from prefixserve.errors import TrainingDataError
+from prefixserve.training.spec import MAX_EXAMPLE_CHARS, Hyperparameters, JobSpec, parse_job_spec
+
+EXAMPLES = [{"input": "great", "output": "positive"}, {"input": "awful", "output": "negative"}]
+
+
+def valid(**changes) -> dict:
+    return {"task": "acme/sentiment", "kind": "prompt", "examples": EXAMPLES, **changes}
+
+
+@pytest.mark.parametrize("raw, names", [
+    ([1, 2], "expected a job spec object, found list"),
+    (valid(colour="red"), "found unknown ['colour']"),
+    (valid(task=""), "'task'"),
+    (valid(task=7), "'task'"),
+    (valid(kind="adapter"), "'kind'"),
+    (valid(examples="not a list"), "'examples'"),
+    (valid(examples=[{"input": "x"}]), "examples[0]"),
+    (valid(examples=[EXAMPLES[0], {"input": "x", "output": ""}]), "examples[1]: expected a non-empty 'output'"),
+    (valid(examples=[{"input": "x" * (MAX_EXAMPLE_CHARS + 1), "output": "y"}]), "examples[0]: expected 'input'"),
+    (valid(examples=[{"messages": [{"role": "user", "content": "hi"}]}]), "examples[0]: expected 'messages'"),
+    (valid(examples=[{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]),
+     "examples[0]: expected the last message to be a non-empty assistant turn"),
+    (valid(eval_examples=[{"output": "x"}]), "eval_examples[0]"),
+    (valid(suite_task=3, examples=[]), "'suite_task'"),
+    (valid(suite_task="made_up_yes_no"), "either 'examples' or 'suite_task', found both"),
+    (valid(examples=[]), "'examples' (a non-empty list) or 'suite_task', found neither"),
+    (valid(eval_fraction=1.0), "'eval_fraction'"),
+    (valid(eval_fraction="0.2"), "'eval_fraction'"),
+    (valid(seed=-1), "'seed'"),
+    (valid(seed=True), "'seed'"),
+    (valid(hyperparameters=[]), "'hyperparameters'"),
+    (valid(hyperparameters={"stepz": 3}), "found unknown ['stepz']"),
+    (valid(hyperparameters={"steps": 0}), "hyperparameters.steps"),
+    (valid(hyperparameters={"steps": True}), "hyperparameters.steps"),
+    (valid(hyperparameters={"learning_rate": float("nan")}), "hyperparameters.learning_rate"),
+    (valid(hyperparameters={"learning_rate": 11}), "hyperparameters.learning_rate"),
+    (valid(hyperparameters={"batch_size": 0}), "hyperparameters.batch_size"),
+    (valid(hyperparameters={"max_length": 1}), "hyperparameters.max_length"),
+    (valid(hyperparameters={"init": "zeros"}), "hyperparameters.init"),
+    (valid(hyperparameters={"init_text": ""}), "hyperparameters.init_text"),
+    (valid(hyperparameters={"encoder": "gru"}), "hyperparameters.encoder"),
+    (valid(hyperparameters={"rank": 1000}), "hyperparameters.rank"),
+    (valid(hyperparameters={"targets": []}), "hyperparameters.targets"),
+    (valid(hyperparameters={"targets": [1]}), "hyperparameters.targets"),
+    (valid(hyperparameters={"num_virtual_tokens": 0}), "hyperparameters.num_virtual_tokens"),
+    (valid(kind="intrinsic"), "hyperparameters.subspace"),
+    (valid(sources=[{"task": "a/b", "examples": EXAMPLES}]), "'sources' only for kind 'subspace'"),
+    ({"task": "t/s", "kind": "subspace"}, "expected a subspace job to have 'sources'"),
+    ({"task": "t/s", "kind": "subspace", "sources": [{"task": "a/b"}]}, "sources[0]"),
+    ({"task": "t/s", "kind": "subspace", "sources": [{"task": "a/b", "examples": []}]}, "sources[0]"),
+    ({"task": "t/s", "kind": "subspace", "sources": [{"task": "a/b", "suite_task": "made_up_yes_no"},
+                                                     {"task": "a/c", "examples": [{"input": 1, "output": "x"}]}]},
+     "sources[1].examples[0]"),
+])
+def test_bad_field_is_named(raw, names):
+    with pytest.raises(TrainingDataError) as e:
+        parse_job_spec(raw)
+    assert names in e.value.message
+    assert e.value.status_code == 400
+
+
+@pytest.mark.parametrize("raw", [
+    valid(eval_examples=EXAMPLES[:1], eval_fraction=0.0, seed=7,
+          hyperparameters={"steps": 5, "learning_rate": 0.1, "init_text": "Classify:", "targets": ["q_proj"]}),
+    {"task": "acme/colors", "kind": "lora", "suite_task": "made_up_color", "hyperparameters": {"rank": 4}},
+    {"task": "acme/sub", "kind": "subspace", "sources": [{"task": "acme/a", "suite_task": "made_up_color"},
+                                                         {"task": "acme/b", "examples": EXAMPLES}]},
+    {"task": "acme/z", "kind": "intrinsic", "suite_task": "word_size", "hyperparameters": {"subspace": "acme/sub"}},
+])
+def test_valid_spec_round_trips_through_json(raw):
+    spec = parse_job_spec(raw)
+    again = parse_job_spec(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+    assert isinstance(again.hyperparameters, Hyperparameters) and isinstance(again.hyperparameters.targets, tuple)
+
+
+def test_defaults():
+    spec = parse_job_spec(valid())
+    assert spec == JobSpec(task="acme/sentiment", kind="prompt", examples=tuple(EXAMPLES))
+    assert spec.hyperparameters == Hyperparameters()
