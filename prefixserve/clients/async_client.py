@@ -108,6 +108,19 @@ class AsyncPrefixServeClient:
         """Unregister `task`; returns {task, deleted}."""
         return await self._json("DELETE", sdk.task_path(task))
 
+    async def submit_training_job(self, spec: dict) -> dict:
+        """Queue a training job (task, kind, examples | suite_task, hyperparameters, ...); returns its record
+        ({id, status, ...}). Submissions are not retried: a 503 means the job queue is full."""
+        return await self._json("POST", "/v1/training/jobs", json=spec, retry=False)
+
+    async def get_training_job(self, job_id: str) -> dict:
+        """A job's status, attempts, latest progress (step, loss, ETA, eval metrics), metrics and version."""
+        return await self._json("GET", sdk.job_path(job_id))
+
+    async def list_training_jobs(self) -> list[dict]:
+        """This tenant's training jobs, newest first."""
+        return (await self._json("GET", "/v1/training/jobs"))["jobs"]
+
     async def health(self) -> dict:
         """The liveness probe: {"status": "ok"} while the process answers."""
         return await self._json("GET", "/health")

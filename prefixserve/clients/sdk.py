@@ -80,6 +80,10 @@ def generate_body(stream: bool, **fields: Any) -> dict[str, Any]:
     return GenerateRequest(stream=stream, **fields).model_dump(exclude_none=True)
 
 
+def job_path(job_id: str) -> str:
+    return "/v1/training/jobs/" + quote(job_id, safe="")
+
+
 def task_path(task: str, suffix: str = "") -> str:
     return f"/v1/tasks/{quote(task, safe='')}{suffix}"
 

@@ -80,9 +80,24 @@ def test_bad_specs_are_400s_that_say_what_is_wrong(server, keys, queue):
         assert len(queue.list_jobs("ben")) == before  # nothing was queued
 
 
-def test_a_full_queue_is_503_with_retry_after(server, keys, queue):
+def test_the_sdk_submits_and_reads_jobs(server, keys):
+    from prefixserve.clients import PrefixServeClient
+    from prefixserve.clients.errors import PrefixServeAPIError
+
+    with PrefixServeClient(server[0], api_key=keys[1]["ann"]) as sdk:
+        job = sdk.submit_training_job({**JOB, "task": "sdk-colors"})
+        assert job["task"] == "sdk-colors" and job["status"] == "queued"
+        assert sdk.get_training_job(job["id"])["id"] == job["id"]
+        assert job["id"] in [j["id"] for j in sdk.list_training_jobs()]
+        with pytest.raises(PrefixServeAPIError) as bad:
+            sdk.submit_training_job({**JOB, "kind": "nope"})
+        assert bad.value.status == 400 and "'kind'" in str(bad.value)
+
+
+def test_a_full_queue_is_503_with_retry_after(server, keys, queue):  # last: it leaves the queue full
     with client(server, keys, "ben") as ben:
         statuses = [ben.post("/v1/training/jobs", json=JOB).status_code for _ in range(4)]
         assert statuses.count(503) >= 1 and set(statuses) <= {201, 503}
         full = ben.post("/v1/training/jobs", json=JOB)
         assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+
