@@ -9,9 +9,12 @@ before the task file that points at it, so a crash at any point leaves each task
 version, never at a missing or partial blob. The flock makes concurrent writers (threads or processes)
 serialise on task files; blobs need no lock because equal names mean equal bytes.
 
-Events reach subscribers in this process only (every LocalStore on the same root shares one notifier);
-several processes that must see each other's changes use RedisStore. Blobs are never removed: a
-version that fell off a history (MAX_HISTORY) or whose task was deleted keeps its blob (no GC yet)."""
+Events of this process's changes reach subscribers at once (every LocalStore on the same root shares one
+notifier); changes made by other processes on the same directory (a `prefixserve worker` publishing a
+trained task, another server) are found by polling the task directory's modification time every
+WATCH_INTERVAL_S while anyone is subscribed, so they arrive within a second. Subscribers re-read the
+pointer on an event, so a duplicate or late event is harmless. Blobs are never removed: a version that
+fell off a history (MAX_HISTORY) or whose task was deleted keeps its blob (no GC yet)."""
 
 from __future__ import annotations
 
@@ -49,19 +52,91 @@ _STALE_TEMP_S = 3600.0  # temp files older than this belong to a writer that cra
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+WATCH_INTERVAL_S = 0.25
+
+
+class _TaskDirWatcher:
+    """Changes to task files since the last look, found by stat: the directory's mtime moves whenever
+    a task file is renamed into place or removed, so an unchanged directory costs one stat."""
+
+    def __init__(self, tasks_dir: Path):
+        self._dir = tasks_dir
+        self._dir_stamp: int | None = None
+        self._files: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # name -> (stat, task)
+        self.lock = threading.Lock()  # a scan never sees this process's write half-recorded
+        self.changes()  # the baseline: what exists now is not news
+
+    @contextlib.contextmanager
+    def own_write(self, path: Path, task: str):
+        """Around a write of this process (already published directly): record its result as seen."""
+        with self.lock:
+            yield
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                self._files.pop(path.name, None)
+            else:
+                self._files[path.name] = ((st.st_mtime_ns, st.st_size, st.st_ino), task)
+
+    def changes(self) -> list[StoreEvent]:
+        with self.lock:
+            return self._changes()
+
+    def _changes(self) -> list[StoreEvent]:
+        try:
+            stamp = self._dir.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if stamp == self._dir_stamp:
+            return []
+        self._dir_stamp = stamp
+        events, seen = [], {}
+        for path in self._dir.iterdir():
+            if not path.name.endswith(".json"):
+                continue
+            try:
+                st = path.stat()
+                key = (st.st_mtime_ns, st.st_size, st.st_ino)
+                old = self._files.get(path.name)
+                if old is not None and old[0] == key:
+                    seen[path.name] = old
+                    continue
+                state = _read_json(path)
+            except (FileNotFoundError, StoreCorruptError):
+                continue
+            seen[path.name] = (key, state["task"])
+            if state["history"]:
+                events.append(StoreEvent(state["task"], state["history"][0]["version"]))
+        events += [StoreEvent(task, None) for name, (_, task) in self._files.items() if name not in seen and task]
+        self._files = seen
+        return events
 
 
 class _Notifier:
     """Delivers events on one daemon thread, started with the first subscriber and stopped with the
-    last, so a slow subscriber delays other subscribers but never a writer (publish only enqueues)."""
+    last, so a slow subscriber delays other subscribers but never a writer (publish only enqueues).
+    Between events the thread looks for other processes' changes (`watch`)."""
 
-    def __init__(self, thread_name: str):
+    def __init__(self, thread_name: str, tasks_dir: Path):
+        self._tasks_dir = tasks_dir
         self._thread_name = thread_name
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[StoreEvent], None]] = {}
         self._queue: queue.SimpleQueue | None = None  # one queue per thread, so a stale _STOP never hits a new one
         self._thread: threading.Thread | None = None
+        self._watcher: _TaskDirWatcher | None = None
         self._next_id = 0
+
+    @contextlib.contextmanager
+    def own_write(self, path: Path, task: str):
+        """Wrap a task file write of this process so the watcher does not report it a second time."""
+        with self._lock:
+            watcher = self._watcher
+        if watcher is None:
+            yield
+        else:
+            with watcher.own_write(path, task):
+                yield
 
     def publish(self, event: StoreEvent) -> None:
         with self._lock:
@@ -74,8 +149,9 @@ class _Notifier:
             self._callbacks[subscription_id] = callback
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._run, args=(self._queue,), name=self._thread_name,
-                                                daemon=True)
+                self._watcher = watcher = _TaskDirWatcher(self._tasks_dir)  # the baseline, before we return
+                self._thread = threading.Thread(target=self._run, args=(self._queue, watcher),
+                                                name=self._thread_name, daemon=True)
                 self._thread.start()
 
         def unsubscribe() -> None:
@@ -83,22 +159,33 @@ class _Notifier:
             with self._lock:
                 if self._callbacks.pop(subscription_id, None) is not None and not self._callbacks:
                     self._queue.put(_STOP)
-                    self._queue, thread, self._thread = None, self._thread, None
+                    self._queue, thread, self._thread, self._watcher = None, self._thread, None, None
             # Join outside the lock (the thread takes it): a thread still running at interpreter exit
             # can abort the process while native libraries are being torn down.
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=5)
         return unsubscribe
 
-    def _run(self, events: queue.SimpleQueue) -> None:
-        while (event := events.get()) is not _STOP:
+    def _run(self, events: queue.SimpleQueue, watcher: _TaskDirWatcher) -> None:
+        while True:
+            try:
+                batch = [events.get(timeout=WATCH_INTERVAL_S)]
+            except queue.Empty:
+                try:
+                    batch = watcher.changes()
+                except OSError:
+                    logger.exception("watching %s for other processes' changes failed", self._tasks_dir)
+                    batch = []
+            if _STOP in batch:
+                return
             with self._lock:
                 callbacks = list(self._callbacks.values())
-            for callback in callbacks:
-                try:
-                    callback(event)
-                except Exception:  # one broken subscriber must not silence the others
-                    logger.exception("store event subscriber %r failed on %s", callback, event)
+            for event in batch:
+                for callback in callbacks:
+                    try:
+                        callback(event)
+                    except Exception:  # one broken subscriber must not silence the others
+                        logger.exception("store event subscriber %r failed on %s", callback, event)
 
 
 # One notifier per store root in this process: a server and an in-process trainer holding two LocalStores
@@ -118,7 +205,10 @@ class LocalStore(AdapterStore):
             directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
         with _notifiers_lock:
-            self._notifier = _notifiers.setdefault(self.root, _Notifier(f"local-store-events:{self.root.name}"))
+            self._notifier = _notifiers.get(self.root)
+            if self._notifier is None:
+                self._notifier = _notifiers[self.root] = _Notifier(f"local-store-events:{self.root.name}",
+                                                                   self._tasks)
         self._unsubscribes: list[Callable[[], None]] = []
 
     def put(self, task: str, data: bytes, kind: str) -> str:
@@ -182,7 +272,7 @@ class LocalStore(AdapterStore):
 
     def delete(self, task: str) -> None:
         path = self._task_path(check_task_name(task))
-        with self._locked():
+        with self._locked(), self._notifier.own_write(path, task):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -231,7 +321,9 @@ class LocalStore(AdapterStore):
 
     def _write_history(self, task: str, history: list[VersionRecord]) -> None:
         state = {"task": task, "history": [asdict(record) for record in history[:MAX_HISTORY]]}
-        _write_atomic(self._task_path(task), json.dumps(state, indent=1).encode())
+        path = self._task_path(task)
+        with self._notifier.own_write(path, task):
+            _write_atomic(path, json.dumps(state, indent=1).encode())
 
     @contextlib.contextmanager
     def _locked(self):
