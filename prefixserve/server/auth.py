@@ -71,6 +71,9 @@ async def caller(request: Request) -> Caller:
 
 async def admin(request: Request) -> Caller:
     """FastAPI dependency for /v1/admin: only the admin key."""
+    if not request.app.state.auth.enabled:
+        raise ForbiddenError("API keys are off on this server (every caller is tenant 'default'); start it with "
+                             "--admin-key (PREFIXSERVE_ADMIN_KEY) to manage tenants")
     found = await _authenticate(request)
     if not found.is_admin:
         raise ForbiddenError("expected the admin key for /v1/admin, found a tenant's key")

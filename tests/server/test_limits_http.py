@@ -29,3 +29,8 @@ def test_training_endpoints_without_a_job_queue_answer_501(client):
     resp = client.post("/v1/training/jobs", json=body)
     assert resp.status_code == 501 and "no training job queue" in resp.json()["error"]["message"]
     assert client.get("/v1/training/jobs/" + "0" * 32).status_code == 501
+
+
+def test_the_admin_api_says_how_to_turn_keys_on_when_they_are_off(client):
+    resp = client.get("/v1/admin/tenants")
+    assert resp.status_code == 403 and "--admin-key" in resp.json()["error"]["message"]
