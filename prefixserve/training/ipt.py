@@ -94,12 +94,15 @@ def fit_autoencoder(backbone: TrainingBackbone, sources: list[SubspaceSource], h
                  for i in batch_indices(len(sources[t].train), per_task, seed + 7919 * (t + 1), step)]
         owner = torch.tensor([k for k, t in enumerate(task_ids)
                               for _ in range(min(per_task, len(sources[t].train)))])  # [B] row of task_ids
-        recon = ae(prompts[task_ids])  # [k, P, hidden]
-        lm = soft_prompt_loss(backbone.model, recon[owner], batch, per_example=True)  # [B]
+        recon = ae(prompts)  # [N, P, hidden]
+        lm = soft_prompt_loss(backbone.model, recon[task_ids][owner], batch, per_example=True)  # [B]
         counts = torch.bincount(owner, minlength=len(task_ids))  # [k]
         lm_per_task = torch.zeros(len(task_ids)).index_add(0, owner, lm) / counts  # [k]
-        mse_per_task = (recon - prompts[task_ids]).pow(2).mean(dim=(1, 2))  # [k]
-        loss = (lm_per_task + hp.mse_weight * mse_per_task).mean()
+        # The objective is the mean over sources of LM + mse_weight * MSE. The LM part needs the backbone, so
+        # it is estimated on the sampled sources; the MSE part costs nothing next to it, so it is taken over
+        # every source each step (sampled, it left 15% of the prompts' spread unreconstructed after 300 steps).
+        mse = (recon - prompts).pow(2).mean()
+        loss = lm_per_task.mean() + hp.mse_weight * mse
         _step(optimizer, list(ae.parameters()), loss, step, hp)
         losses.add(step, loss.item(), progress, lm=lm_per_task.mean().item())
     return ae.eval(), losses.last, losses.parts["lm"]
