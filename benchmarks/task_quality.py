@@ -35,7 +35,7 @@ from prefixserve.training.backbone import TrainingBackbone, load_training_backbo
 from prefixserve.training.data import encode_examples
 from prefixserve.training.evaluate import evaluate
 from prefixserve.training.ipt import SubspaceSource, train_intrinsic, train_subspace
-from prefixserve.training.spec import Hyperparameters
+from prefixserve.training.spec import Hyperparameters, ProgressEvent
 from prefixserve.training.tasks import TASK_NAMES, build_task
 from prefixserve.training.trainers import train_peft
 
@@ -50,7 +50,7 @@ FORMAT_SIBLINGS = {"starts_with_vowel": "made_up_yes_no", "longer_word": "alphab
 HP = {"prompt": Hyperparameters(learning_rate=0.1, num_virtual_tokens=8),
       "prefix": Hyperparameters(learning_rate=1e-2, num_virtual_tokens=8, encoder_hidden=128),
       "lora": Hyperparameters(learning_rate=3e-3, rank=8, targets=("q_proj", "v_proj")),
-      "msf": Hyperparameters(learning_rate=3e-3, intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
+      "msf": Hyperparameters(learning_rate=1e-3, intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
       "ist": Hyperparameters(learning_rate=0.1)}
 
 
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peft-tasks", help="prefix and lora only on these (default: --tasks)")
     p.add_argument("--kinds", default="prompt,prefix,lora,ipt")
     p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora steps")
-    p.add_argument("--msf-steps", type=int, default=200)
+    p.add_argument("--msf-steps", type=int, default=150)
     p.add_argument("--ist-steps", type=int, default=100)
     p.add_argument("--intrinsic-dim", type=int, default=8)
     p.add_argument("--msf-lr", type=float, default=HP["msf"].learning_rate)
@@ -93,7 +93,11 @@ class Bench:
             train, eval_ = encode_examples(tok, data.train, 128), encode_examples(tok, data.eval, 128)
             max_new = max(len(e.output_ids) for e in eval_) + 2
             self.tasks[name] = (data, train, eval_, max_new)
-            zero_shot = evaluate(self.backbone.model, tok, eval_, max_new, None, self.backbone.eos_token_ids)
+
+            def run() -> tuple[None, dict]:  # the plain backbone babbles to max_new: minutes a task on 2 cores
+                return None, evaluate(self.backbone.model, tok, eval_, max_new, None, self.backbone.eos_token_ids)
+
+            _, zero_shot = self.cached(f"zero_shot-{name}", ["zero_shot", name, max_new], run)
             self.results[name] = {"family": data.family, "zero_shot": round(zero_shot["exact_match"], 4)}
             print(f"{name}: zero-shot {zero_shot['exact_match']:.3f}", flush=True)
         return self.tasks[name]
@@ -119,22 +123,24 @@ class Bench:
         self.record(name, kind, record["exact_match"], record["seconds"], hp, cached=record["cached"])
         return artifact
 
-    def cached(self, label: str, key: list, run) -> tuple[bytes, dict]:
-        """`run() -> (artifact, record)`, timed, or its stored result when this very run happened before."""
+    def cached(self, label: str, key: list, run) -> tuple[bytes | None, dict]:
+        """`run() -> (artifact or None, record)`, timed, or its stored result when this very run happened before."""
         a = self.args
         folder = Path(a.cache_dir).expanduser() if a.cache_dir else None
         digest = hashlib.sha256(json.dumps([*key, a.seed, a.num_train, a.num_eval, self.backbone.fingerprint],
                                            sort_keys=True, default=list).encode()).hexdigest()[:16]
         path = folder / f"{label}-{digest}" if folder else None
         if path and path.with_suffix(".json").is_file():
-            return path.with_suffix(".safetensors").read_bytes(), {**json.loads(path.with_suffix(".json").read_text()),
-                                                                   "cached": True}
+            artifact = path.with_suffix(".safetensors")
+            return (artifact.read_bytes() if artifact.is_file() else None,
+                    {**json.loads(path.with_suffix(".json").read_text()), "cached": True})
         started = time.monotonic()
         artifact, record = run()
         record = {**record, "seconds": time.monotonic() - started}
         if path:
             folder.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".safetensors").write_bytes(artifact)
+            if artifact is not None:
+                path.with_suffix(".safetensors").write_bytes(artifact)
             path.with_suffix(".json").write_text(json.dumps(record))
         return artifact, {**record, "cached": False}
 
@@ -160,7 +166,7 @@ def run_ipt(bench: Bench, soft_prompts: dict[str, torch.Tensor], seen: list[str]
                  learning_rate=args.msf_lr, eval_max_new_tokens=max(bench.task(n)[3] for n in seen))
 
     def run() -> tuple[bytes, dict]:
-        result = train_subspace(backbone, sources, hp, args.seed, lambda e: None)
+        result = train_subspace(backbone, sources, hp, args.seed, _log("msf"))
         return result.artifact, {"metrics": result.metrics, "source_vectors": result.source_vectors}
 
     prompts_digest = hashlib.sha256(b"".join(soft_prompts[n].numpy().tobytes() for n in seen)).hexdigest()
@@ -177,9 +183,9 @@ def run_ipt(bench: Bench, soft_prompts: dict[str, torch.Tensor], seen: list[str]
         _, train, eval_, _ = bench.task(name)
         ist_hp = replace(bench.hp("ist", name, args.ist_steps), learning_rate=args.ist_lr)
 
-        def run_ist(train=train, eval_=eval_, ist_hp=ist_hp) -> tuple[bytes, dict]:
+        def run_ist(train=train, eval_=eval_, ist_hp=ist_hp, name=name) -> tuple[bytes, dict]:
             result = train_intrinsic(backbone, subspace, subspace.version, train, eval_, ist_hp, args.seed,
-                                     lambda e: None)
+                                     _log(f"ist {name}"))
             return result.artifact, {"exact_match": result.metrics["exact_match"]}
 
         _, record = bench.cached(f"ist-{name}", ["ist", name, asdict(ist_hp), subspace.version], run_ist)
@@ -209,6 +215,13 @@ def run_ipt(bench: Bench, soft_prompts: dict[str, torch.Tensor], seen: list[str]
             "unseen": gains(held_out, "ipt_ist"),
             "unseen_format_seen": gains(shared, "ipt_ist") if shared else None,
             "unseen_novel_outputs": gains(novel, "ipt_ist") if novel else None}
+
+
+def _log(what: str):
+    def progress(event: ProgressEvent) -> None:
+        print(f"{what}: step {event.step}/{event.total_steps} loss {event.loss:.4f} eta {event.eta_s:.0f}s", flush=True)
+
+    return progress
 
 
 def _spread(sources: list[SubspaceSource]) -> float:

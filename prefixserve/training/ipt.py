@@ -31,6 +31,7 @@ from prefixserve.training.trainers import MAX_GRAD_NORM, batch_indices
 
 TASKS_PER_STEP = 4  # source tasks in one MSF step; the step's batch_size examples are split among them
 Z_INIT_STD = 0.02  # the paper's N(0, 0.02) init of an IST vector
+RECONSTRUCTION_STEPS = 300  # MSE-only warm-up of MSF: fits 20+ prompts to ~1e-12 in well under a minute
 
 
 @dataclass
@@ -73,18 +74,28 @@ class PromptAutoencoder(nn.Module):
 
 
 def fit_autoencoder(backbone: TrainingBackbone, sources: list[SubspaceSource], hp: Hyperparameters, seed: int,
-                    progress: ProgressFn) -> tuple[PromptAutoencoder, float, float]:
+                    progress: ProgressFn, reconstruction_steps: int = RECONSTRUCTION_STEPS,
+                    ) -> tuple[PromptAutoencoder, float, float]:
     """MSF's training: (autoencoder, final mean loss, final mean LM part of it). P comes from the
     sources (all must share it); d, decoder_hidden, mse_weight, steps, learning_rate (the autoencoder's,
-    ~1e-3) and batch_size (examples per step, split over TASKS_PER_STEP sampled sources) from `hp`."""
+    ~1e-3) and batch_size (examples per step, split over TASKS_PER_STEP sampled sources) from `hp`.
+
+    First `reconstruction_steps` on the MSE alone (no backbone: seconds), then hp.steps on the paper's
+    objective. Both decay the rate to zero (cosine): Adam moves every one of the P*hidden x Hd decoder
+    weights by ~lr a step, so a constant rate keeps the reconstructions jittering by far more than the
+    precision a soft prompt needs."""
     prompts = _check_sources(backbone, sources)  # [N, P, hidden]
     num_sources, num_tokens, hidden = prompts.shape
     torch.manual_seed(seed)
     ae = PromptAutoencoder(num_tokens, hidden, hp.intrinsic_dim, hp.decoder_hidden)
-    with torch.no_grad():  # start from the sources' mean prompt, not from a random one the LM loss must undo first
+    with torch.no_grad():  # start from the sources' mean prompt, not from a random one
         ae.decoder[2].bias.copy_(prompts.mean(0).flatten())
         ae.decoder[2].weight.mul_(0.1)
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=hp.learning_rate, weight_decay=0.0)
+    optimizer, schedule = _cosine_adam(ae.parameters(), hp.learning_rate, reconstruction_steps)
+    for step in range(1, reconstruction_steps + 1):
+        _step(optimizer, list(ae.parameters()), (ae(prompts) - prompts).pow(2).mean(), step, hp)
+        schedule.step()
+    optimizer, schedule = _cosine_adam(ae.parameters(), hp.learning_rate, hp.steps)
     tasks_per_step = min(TASKS_PER_STEP, num_sources)
     per_task = max(1, hp.batch_size // tasks_per_step)
     losses = _Losses(hp.steps)
@@ -104,6 +115,7 @@ def fit_autoencoder(backbone: TrainingBackbone, sources: list[SubspaceSource], h
         mse = (recon - prompts).pow(2).mean()
         loss = lm_per_task.mean() + hp.mse_weight * mse
         _step(optimizer, list(ae.parameters()), loss, step, hp)
+        schedule.step()
         losses.add(step, loss.item(), progress, lm=lm_per_task.mean().item())
     return ae.eval(), losses.last, losses.parts["lm"]
 
@@ -204,6 +216,11 @@ def _step(optimizer, params: list[torch.Tensor], loss: torch.Tensor, step: int, 
         raise TrainingFailedError(f"training diverged at step {step}: the gradient norm is {grad_norm.item()}; "
                                   f"nothing was published (try a lower learning_rate than {hp.learning_rate})")
     optimizer.step()
+
+
+def _cosine_adam(params, lr: float, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
 
 
 def _publish(backbone: TrainingBackbone, kind: str, config: dict, tensors: dict[str, torch.Tensor]) -> _Published:

@@ -107,13 +107,30 @@ def test_greedy_with_soft_prompt_matches_engine_for_prompt_artifact(tiny_trainin
     assert len(ours[1]) == 2 and ours[1][-1] == stop and any(len(t) == MAX_NEW for t in ours)
 
 
-def test_msf_reduces_loss_and_reconstructs_sources(msf):
+def spread(sources) -> float:
+    """MSE of the sources' mean prompt as their reconstruction: where MSF starts from."""
+    prompts = torch.stack([s.soft_prompt for s in sources])
+    return float((prompts - prompts.mean(0)).pow(2).mean())
+
+
+def test_msf_objective_reduces_loss_and_reconstruction_error(tiny_training_backbone):
+    backbone = tiny_training_backbone
+    sources, events = make_sources(backbone), []
+    # without the MSE-only warm-up: the paper's joint objective alone must make the progress
+    ae, _, lm_loss = fit_autoencoder(backbone, sources, HP, seed=1, progress=events.append, reconstruction_steps=0)
+    assert events[-1].step == HP.steps and events[-1].loss < 0.5 * events[0].loss
+    with torch.no_grad():
+        prompts = torch.stack([s.soft_prompt for s in sources])
+        assert float((ae(prompts) - prompts).pow(2).mean()) < 0.25 * spread(sources)
+    assert 0 < lm_loss < events[0].loss
+
+
+def test_msf_publishes_a_subspace_that_reconstructs_its_sources(msf):
     sources, result, events = msf
     assert result.kind == "subspace"
-    assert events[-1].step == HP.steps and events[-1].loss < 0.5 * events[0].loss
-    prompts = torch.stack([s.soft_prompt for s in sources])
-    mean_prompt_mse = float((prompts - prompts.mean(0)).pow(2).mean())  # where MSF starts from
-    assert result.metrics["reconstruction_mse"] < 0.25 * mean_prompt_mse
+    assert events[-1].step == HP.steps
+    # the warm-up fits the sources; the LM term then pulls against the MSE (hard on a random backbone)
+    assert result.metrics["reconstruction_mse"] < 0.05 * spread(sources)
     for s in sources:
         assert 0.0 <= result.metrics[f"{s.task}/exact_match_reconstructed"] <= 1.0
     assert set(result.source_vectors) == set(SOURCE_TASKS)
@@ -137,7 +154,6 @@ def test_published_decoder_reproduces_the_autoencoder(tiny_training_backbone, ms
             recon = ae(source.soft_prompt.unsqueeze(0))[0]  # [P, hidden]
             served = SubspaceKind.decode(artifact.tensors, z, artifact.config)
             assert (served - recon).abs().max() <= 1e-5
-            assert (served - source.soft_prompt).abs().max() > 1e-3  # a reconstruction, not a copy
 
 
 def test_ist_trains_only_z_and_the_engine_serves_what_was_evaluated(tiny_training_backbone, engine, msf):
