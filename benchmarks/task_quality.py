@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kinds", default="prompt,prefix,lora,ipt")
     p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora steps")
     p.add_argument("--msf-steps", type=int, default=150)
+    p.add_argument("--task-steps", default="", help="per-task prompt/prefix/lora steps overriding --steps, "
+                   "e.g. letter_count=300,word_position=200 (reported per task)")
     p.add_argument("--ist-steps", type=int, default=100)
     p.add_argument("--intrinsic-dim", type=int, default=8)
     p.add_argument("--msf-lr", type=float, default=HP["msf"].learning_rate)
@@ -74,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="~/.cache/prefixserve/task_quality", help="'' to train everything afresh")
     args = p.parse_args()
+    args.task_steps = {name: int(steps) for name, steps in
+                       (item.split("=", 1) for item in args.task_steps.split(",") if item)}
     if args.quick:
         args.tasks, args.kinds, args.steps, args.num_eval = ",".join(QUICK_TASKS), "prompt,lora", 40, 32
     return args
@@ -98,7 +103,8 @@ class Bench:
                 return None, evaluate(self.backbone.model, tok, eval_, max_new, None, self.backbone.eos_token_ids)
 
             _, zero_shot = self.cached(f"zero_shot-{name}", ["zero_shot", name, max_new], run)
-            self.results[name] = {"family": data.family, "zero_shot": round(zero_shot["exact_match"], 4)}
+            self.results[name] = {"family": data.family, "zero_shot": round(zero_shot["exact_match"], 4),
+                                  "majority": round(majority_baseline(data.eval), 4)}
             print(f"{name}: zero-shot {zero_shot['exact_match']:.3f}", flush=True)
         return self.tasks[name]
 
@@ -109,7 +115,7 @@ class Bench:
     def train_peft(self, kind: str, name: str) -> bytes:
         """The trained artifact's bytes (from the cache when this very training ran before)."""
         data, train, eval_, _ = self.task(name)
-        hp = self.hp(kind, name, self.args.steps)
+        hp = self.hp(kind, name, self.args.task_steps.get(name, self.args.steps))
 
         def run() -> tuple[bytes, dict]:
             with tempfile.TemporaryDirectory() as work_dir:
@@ -152,6 +158,14 @@ class Bench:
                                     **({"cached": True} if cached else {})}
         print(f"{name}: {kind} {accuracy:.3f} (lift {accuracy - zero_shot:+.3f}, {seconds:.0f}s"
               f"{', cached' if cached else ''})", flush=True)
+
+
+def majority_baseline(examples: list[dict]) -> float:
+    """Exact match of always answering the eval split's most common output: the bar a classifier must
+    clear to have learnt more than the output format (zero-shot exact match is 0 when the backbone
+    answers in sentences)."""
+    counts = Counter(e["output"] for e in examples)
+    return max(counts.values()) / len(examples)
 
 
 def recovery(ipt: float, prompt: float, zero_shot: float) -> float | None:
@@ -258,13 +272,17 @@ def main() -> None:
     trained = [k for k in ("prompt", "prefix", "lora") if k in kinds]
     near = [n for n in bench.results if n in near_chance]
     lifts = {k: [bench.results[n][k]["lift"] for n in near if k in bench.results[n]] for k in trained}
+    over_majority = {k: [round(bench.results[n][k]["acc"] - bench.results[n]["majority"], 4)
+                         for n in near if k in bench.results[n]] for k in trained}
     summary = {
         "benchmark": "task_quality", "backbone": "SmolLM2-135M-Instruct fp32", "quick": args.quick,
         "metric": "greedy exact match on each task's eval split", "num_eval": args.num_eval,
-        "steps": args.steps, "batch_size": args.batch_size, "seconds": round(time.monotonic() - started, 1),
+        "steps": args.steps, "task_steps": args.task_steps, "batch_size": args.batch_size,
+        "seconds": round(time.monotonic() - started, 1),
         "hyperparameters": {k: {"lr": HP[k].learning_rate} for k in trained},
         "min_lift_near_chance": {k: min(v) if v else None for k, v in lifts.items()},
         "mean_lift_near_chance": {k: round(sum(v) / len(v), 4) if v else None for k, v in lifts.items()},
+        "min_over_majority_near_chance": {k: min(v) if v else None for k, v in over_majority.items()},
         "prompt_lift_ge_0.3_on_every_near_chance_task": bool(lifts.get("prompt")) and min(lifts["prompt"]) >= 0.3,
         "ipt": ipt, "tasks": bench.results,
     }
@@ -278,15 +296,19 @@ def main() -> None:
 def results_lines(summary: dict, trained: list[str]) -> list[str]:
     cols = trained + (["ipt_seen", "ipt_ist"] if summary["ipt"] else [])
     lines = [f"{summary['backbone']}, {summary['metric']} ({summary['num_eval']} examples), {summary['steps']} steps "
-             f"x batch {summary['batch_size']} per adapter, lr {summary['hyperparameters']}; "
+             f"(per task: {summary['task_steps'] or 'none'}) x batch {summary['batch_size']} per adapter, "
+             f"lr {summary['hyperparameters']}; "
              f"{summary['seconds']:.0f} s in all.", "",
-             "| task | family | zero-shot | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+             "| task | family | zero-shot | majority | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
     for name, r in summary["tasks"].items():
         cells = [f"{r[c]['acc']:.2f}" + (f" (rec {r[c]['recovery']})" if "recovery" in r[c] else "")
                  if c in r else "" for c in cols]
-        lines.append(f"| {name} | {r['family']} | {r['zero_shot']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {r['family']} | {r['zero_shot']:.2f} | {r['majority']:.2f} | " + " | ".join(cells)
+                     + " |")
     lines += ["", f"Min / mean lift on near-chance tasks: {summary['min_lift_near_chance']} / "
-              f"{summary['mean_lift_near_chance']}."]
+              f"{summary['mean_lift_near_chance']}; min accuracy over the majority answer: "
+              f"{summary['min_over_majority_near_chance']}."]
     if summary["ipt"]:
         lines.append(f"IPT: {json.dumps(summary['ipt'])}")
     return lines
