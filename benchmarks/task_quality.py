@@ -184,7 +184,7 @@ def run_ipt(bench: Bench, soft_prompts: dict[str, torch.Tensor], seen: list[str]
         return result.artifact, {"metrics": result.metrics, "source_vectors": result.source_vectors}
 
     prompts_digest = hashlib.sha256(b"".join(soft_prompts[n].numpy().tobytes() for n in seen)).hexdigest()
-    artifact, msf = bench.cached("subspace", ["msf", seen, asdict(hp), prompts_digest], run)
+    artifact, msf = bench.cached("subspace", ["msf", "with_source_vectors", seen, asdict(hp), prompts_digest], run)
     m = msf["metrics"]
     subspace = decode_artifact(artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
                                arch=backbone.arch)

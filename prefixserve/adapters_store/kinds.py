@@ -99,7 +99,8 @@ class PromptKind(_VirtualTokensKind):
 
 
 class SubspaceKind(AdapterKind):
-    """IPT shared decoder z -> soft prompt: linear d->Hd, tanh, linear Hd->P*hidden."""
+    """IPT shared decoder z -> soft prompt: linear d->Hd, tanh, linear Hd->P*hidden. Optionally carries
+    `source_vectors` [N, d]: the z of the tasks it was fit on, where IST can start a new task."""
 
     name = "subspace"
     config_schema = {"intrinsic_dim": int, "num_virtual_tokens": int, "decoder_hidden": int}
@@ -119,7 +120,7 @@ class SubspaceKind(AdapterKind):
         _check_tensors(cls.name, tensors, {
             "decoder.0.weight": (decoder_hidden, dim), "decoder.0.bias": (decoder_hidden,),
             "decoder.2.weight": (out, decoder_hidden), "decoder.2.bias": (out,),
-        })
+        }, optional={"source_vectors": (None, dim)})
         rows, bias = tensors["decoder.2.weight"].shape[0], tensors["decoder.2.bias"].shape[0]
         if rows % num_tokens or bias != rows:
             raise AdapterError(f"subspace: expected decoder.2 to output num_virtual_tokens ({num_tokens}) x hidden "
@@ -245,13 +246,19 @@ def _check_intrinsic_dim(kind: str, dim: int, limits: AdapterLimits | None) -> i
     return dim
 
 
-def _check_tensors(kind: str, tensors: Tensors, expected: dict[str, Shape]) -> None:
-    """Exactly the expected names, each with the expected shape (None matches any size)."""
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+def _check_tensors(kind: str, tensors: Tensors, expected: dict[str, Shape],
+                   optional: dict[str, Shape] | None = None) -> None:
+    """Exactly the expected names (plus any of the optional ones), each with its shape (None matches
+    any size)."""
+    optional = optional or {}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
     if missing or unexpected:
-        raise AdapterError(f"{kind}: expected tensors {sorted(expected)[:16]}, found missing {missing[:8]} and "
+        allowed = sorted(expected)[:16] + [f"{name} (optional)" for name in sorted(optional)]
+        raise AdapterError(f"{kind}: expected tensors {allowed}, found missing {missing[:8]} and "
                            f"unexpected {unexpected[:8]}")
-    for name, shape in expected.items():
+    shapes = {**expected, **{name: shape for name, shape in optional.items() if name in tensors}}
+    for name, shape in shapes.items():
         found = tuple(tensors[name].shape)
         if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
             raise AdapterError(f"{kind}: expected {name} of shape {_fmt(shape)}, found {_fmt(found)}")

@@ -33,6 +33,16 @@ def test_subspace_decode_of_half_weights_is_fp32():
     assert get_kind("subspace").decode(tensors, torch.ones(5), config).dtype == torch.float32
 
 
+def test_subspace_may_carry_its_source_vectors_in_its_dimension():
+    config, tensors = valid_parts("subspace")
+    subspace = get_kind("subspace")
+    subspace.validate(config, {**tensors, "source_vectors": torch.randn(3, 5)}, TINY_ARCH, None)
+    with pytest.raises(AdapterError, match=r"expected source_vectors of shape \[\*, 5\], found \[3, 4\]"):
+        subspace.validate(config, {**tensors, "source_vectors": torch.randn(3, 4)}, TINY_ARCH, None)
+    with pytest.raises(AdapterError, match=r"source_vectors \(optional\).*unexpected \['sources'\]"):
+        subspace.validate(config, {**tensors, "sources": torch.randn(3, 5)}, TINY_ARCH, None)
+
+
 def test_intrinsic_must_match_its_subspace_dim():
     subspace_config, _ = valid_parts("subspace")
     _, tensors = valid_parts("intrinsic")

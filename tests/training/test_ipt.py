@@ -17,10 +17,11 @@ from prefixserve.errors import TrainingDataError, TrainingFailedError
 from prefixserve.models import load_backbone
 from prefixserve.training.data import collate, encode_examples
 from prefixserve.training.evaluate import evaluate, output_nll
-from prefixserve.training.ipt import SubspaceSource, fit_autoencoder, train_intrinsic, train_subspace
+from prefixserve.training.ipt import START_BATCH, SubspaceSource, fit_autoencoder, train_intrinsic, train_subspace
 from prefixserve.training.soft_prompt import evaluate_soft_prompt, greedy_with_soft_prompt, soft_prompt_loss
 from prefixserve.training.spec import Hyperparameters
 from prefixserve.training.tasks import build_task
+from prefixserve.training.trainers import batch_indices
 
 NUM_TOKENS, HIDDEN, MAX_NEW = 4, 64, 5
 SOURCE_TASKS = ("made_up_color", "word_size", "starts_with_vowel")
@@ -146,6 +147,9 @@ def test_published_decoder_reproduces_the_autoencoder(tiny_training_backbone, ms
     artifact = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
                                arch=backbone.arch)
     assert artifact.config == {"intrinsic_dim": 3, "num_virtual_tokens": NUM_TOKENS, "decoder_hidden": 24}
+    # the sources' vectors travel with the subspace (IST's candidate starting points), in source order
+    assert torch.equal(artifact.tensors["source_vectors"],
+                       torch.tensor([result.source_vectors[s.task] for s in sources]))
     # The same seed trains the same autoencoder: its reconstructions are the ones the published subspace decodes.
     ae, _, _ = fit_autoencoder(backbone, make_sources(backbone), HP, seed=1, progress=lambda e: None)
     with torch.no_grad():
@@ -175,12 +179,14 @@ def test_ist_trains_only_z_and_the_engine_serves_what_was_evaluated(tiny_trainin
                                 arch=backbone.arch)
     assert result.kind == intrinsic.kind == "intrinsic"
     assert intrinsic.config == {"subspace_version": artifact_version(subspace_result.artifact)}
-    init = torch.randn(3, generator=torch.Generator().manual_seed(2)) * 0.02  # the seeded N(0, 0.02) init
+    paper_init = torch.randn(3, generator=torch.Generator().manual_seed(2)) * 0.02  # the seeded N(0, 0.02) draw
+    start_index = int(result.metrics["start_source"])
+    start = paper_init if start_index < 0 else subspace.tensors["source_vectors"][start_index]
     with torch.no_grad():  # the whole train set, not the noisy per-batch progress losses
         losses = [float(soft_prompt_loss(backbone.model, SubspaceKind.decode(subspace.tensors, z, subspace.config),
-                                         train)) for z in (init, intrinsic.tensors["z"])]
-    print("IST train-set loss init -> trained", losses)
-    assert losses[1] < losses[0] - 0.3
+                                         train)) for z in (paper_init, start, intrinsic.tensors["z"])]
+    print("IST train-set loss paper init, start -> trained", losses)
+    assert losses[2] < losses[0] - 0.3 and losses[2] < losses[1]
     assert {"exact_match", "eval_loss", "zero_shot_exact_match"} <= set(result.metrics)
 
     engine.register_adapter("t/subspace", subspace_result.artifact)
@@ -195,6 +201,26 @@ def test_ist_trains_only_z_and_the_engine_serves_what_was_evaluated(tiny_trainin
              for ids in served]
     served_exact = sum(t.strip() == e.output_text.strip() for t, e in zip(texts, eval_)) / len(eval_)
     assert served_exact == pytest.approx(result.metrics["exact_match"])
+
+
+def test_ist_starts_from_the_candidate_with_the_lowest_loss(tiny_training_backbone, msf):
+    backbone = tiny_training_backbone
+    sources, result, _ = msf
+    subspace = decode_artifact(result.artifact, expected_fingerprint=None, limits=backbone.limits, arch=None)
+    vectors = subspace.tensors["source_vectors"]  # [N, d]
+    paper_init = torch.randn(3, generator=torch.Generator().manual_seed(5)) * 0.02
+    batch = [sources[0].train[i] for i in batch_indices(len(sources[0].train), START_BATCH, 5, 0)]
+    with torch.no_grad():
+        losses = [float(soft_prompt_loss(backbone.model, SubspaceKind.decode(subspace.tensors, z, subspace.config),
+                                         batch)) for z in (paper_init, *vectors)]
+    # a rate too small to move z: what is published is where IST started
+    hp = Hyperparameters(steps=1, learning_rate=1e-12, batch_size=4)
+    ist = train_intrinsic(backbone, subspace, subspace.version, sources[0].train, [], hp, seed=5,
+                          progress=lambda e: None)
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert ist.metrics["start_source"] == best - 1 and ist.metrics["start_loss"] == pytest.approx(losses[best])
+    z = decode_artifact(ist.artifact, expected_fingerprint=None, limits=backbone.limits, arch=None).tensors["z"]
+    torch.testing.assert_close(z, paper_init if best == 0 else vectors[best - 1], atol=1e-9, rtol=0)
 
 
 def test_seen_source_served_through_its_vector(tiny_training_backbone, engine, msf):
