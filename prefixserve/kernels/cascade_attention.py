@@ -123,7 +123,7 @@ def cascade_attention(
     if max_tokens_per_task is None:
         per_task = cu_seqlens_q.long()[cu_seqs_per_task.long()]
         max_tokens_per_task = int((per_task[1:] - per_task[:-1]).max()) if num_tasks else 0
-    block_m, block_q = tile_rows(group)
+    block_m, block_q = tile_rows(group, q.dtype, head_dim)
     if num_tokens and num_tasks and max_tokens_per_task:
         _cascade_attention_kernel[(num_tasks, triton.cdiv(max_tokens_per_task, block_q), num_kv_heads)](
             q, k_cache, v_cache, pre, pre_lse, cu_seqlens_q, cu_seqs_per_task, task_prefix_lens,

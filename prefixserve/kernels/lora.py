@@ -164,7 +164,9 @@ def lora_shrink(
     num_segments = meta.slot_ids.shape[0]
     if num_tokens == 0 or num_segments == 0 or meta.max_tokens_per_slot == 0:
         return h
-    block_m, block_k = (16 if meta.max_tokens_per_slot <= 16 else 64), 64
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    # 64 x 64-rank fp32 accumulators next to the x and A tiles spilled on sm_90 (tests/kernels/gpu_compile.py)
+    block_m, block_k = (16 if meta.max_tokens_per_slot <= 16 else 64 if block_r <= 32 else 32), 64
     m_blocks = triton.cdiv(meta.max_tokens_per_slot, block_m)
     if split_k is None:  # decode batches have few programs: split in_features to fill the GPU
         split_k = 1
@@ -175,7 +177,7 @@ def lora_shrink(
     _lora_shrink_kernel[(num_segments, m_blocks, split_k)](
         x, lora_a, h, meta.token_indices, meta.num_tokens_per_slot, meta.slot_start_offsets, meta.slot_ids,
         in_features, max_rank, k_per_split, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         PRECISION=_precision(x.dtype), ATOMIC=split_k > 1, num_warps=4)
     return h
 

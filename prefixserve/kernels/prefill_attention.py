@@ -82,10 +82,13 @@ def _prefill_attention_kernel(
     _finish_rows(acc, m_i, l_i, out_ptrs, lse_ptrs, row_mask, STORE_LSE)
 
 
-def tile_rows(group: int) -> tuple[int, int]:
+def tile_rows(group: int, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_Q): rows per tile and query tokens per tile for a GQA group size. 64 rows
-    with 8 warps fit head_dim 128 in sm_90 registers without spills (ptxas counts; not yet timed)."""
-    block_m = max(64, triton.next_power_of_2(group))
+    with 8 warps fit head_dim 128 in sm_90 registers without spills; an fp32 cache at head_dim 128
+    (IEEE dots, no tensor cores) spilled, and fits with 32 rows and 16 keys a step (ptxas counts,
+    checked by tests/kernels/test_gpu_compile.py; not yet timed)."""
+    rows = 32 if dtype == torch.float32 and head_dim > 64 else 64
+    block_m = max(rows, triton.next_power_of_2(group))
     return block_m, block_m // group
 
 
@@ -116,7 +119,8 @@ def prefill_attention(
     lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return (out, lse) if return_lse else out
-    block_m, block_q = tile_rows(group)
+    block_m, block_q = tile_rows(group, q.dtype, head_dim)
+    block_n = 16 if q.dtype == torch.float32 and head_dim > 64 else 32  # fp32 d128 spilled at 32 keys (ptxas)
     num_blocks = num_tokens // block_q + num_seqs  # upper bound, see _find_seq
     _prefill_attention_kernel[(num_blocks, num_kv_heads)](
         q, k_cache, v_cache, out, lse, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table,
@@ -124,7 +128,7 @@ def prefill_attention(
         lse.stride(0), lse.stride(1), page_table.stride(0), prefix_page_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        BLOCK_N=32, PRECISION=dot_precision(q.dtype), STORE_LSE=return_lse, num_warps=8)
+        BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), STORE_LSE=return_lse, num_warps=8)
     return (out, lse) if return_lse else out
 
 
