@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
                    "e.g. letter_count=300,word_position=200 (reported per task)")
     p.add_argument("--ist-steps", type=int, default=100)
     p.add_argument("--intrinsic-dim", type=int, default=8)
+    p.add_argument("--prefix-lr", type=float, default=HP["prefix"].learning_rate)
     p.add_argument("--msf-lr", type=float, default=HP["msf"].learning_rate)
     p.add_argument("--ist-lr", type=float, default=HP["ist"].learning_rate)
     p.add_argument("--held-out", default=",".join(HELD_OUT))
@@ -109,8 +110,8 @@ class Bench:
         return self.tasks[name]
 
     def hp(self, kind: str, name: str, steps: int) -> Hyperparameters:
-        return replace(HP[kind], steps=steps, batch_size=self.args.batch_size,
-                       eval_max_new_tokens=self.task(name)[3])
+        hp = replace(HP[kind], steps=steps, batch_size=self.args.batch_size, eval_max_new_tokens=self.task(name)[3])
+        return replace(hp, learning_rate=self.args.prefix_lr) if kind == "prefix" else hp
 
     def train_peft(self, kind: str, name: str) -> bytes:
         """The trained artifact's bytes (from the cache when this very training ran before)."""
@@ -279,7 +280,7 @@ def main() -> None:
         "metric": "greedy exact match on each task's eval split", "num_eval": args.num_eval,
         "steps": args.steps, "task_steps": args.task_steps, "batch_size": args.batch_size,
         "seconds": round(time.monotonic() - started, 1),
-        "hyperparameters": {k: {"lr": HP[k].learning_rate} for k in trained},
+        "hyperparameters": {k: {"lr": args.prefix_lr if k == "prefix" else HP[k].learning_rate} for k in trained},
         "min_lift_near_chance": {k: min(v) if v else None for k, v in lifts.items()},
         "mean_lift_near_chance": {k: round(sum(v) / len(v), 4) if v else None for k, v in lifts.items()},
         "min_over_majority_near_chance": {k: min(v) if v else None for k, v in over_majority.items()},
