@@ -110,8 +110,8 @@ class Bench:
         return self.tasks[name]
 
     def hp(self, kind: str, name: str, steps: int) -> Hyperparameters:
-        hp = replace(HP[kind], steps=steps, batch_size=self.args.batch_size, eval_max_new_tokens=self.task(name)[3])
-        return replace(hp, learning_rate=self.args.prefix_lr) if kind == "prefix" else hp
+        return replace(HP[kind], steps=steps, batch_size=self.args.batch_size,
+                       eval_max_new_tokens=self.task(name)[3])
 
     def train_peft(self, kind: str, name: str) -> bytes:
         """The trained artifact's bytes (from the cache when this very training ran before)."""
@@ -247,6 +247,7 @@ def _spread(sources: list[SubspaceSource]) -> float:
 
 def main() -> None:
     args = parse_args()
+    HP["prefix"] = replace(HP["prefix"], learning_rate=args.prefix_lr)
     torch.manual_seed(args.seed)
     kinds = args.kinds.split(",")
     near_chance = [n for n in TASK_NAMES if build_task(n, num_train=1, num_eval=1).near_chance]
@@ -280,7 +281,7 @@ def main() -> None:
         "metric": "greedy exact match on each task's eval split", "num_eval": args.num_eval,
         "steps": args.steps, "task_steps": args.task_steps, "batch_size": args.batch_size,
         "seconds": round(time.monotonic() - started, 1),
-        "hyperparameters": {k: {"lr": args.prefix_lr if k == "prefix" else HP[k].learning_rate} for k in trained},
+        "hyperparameters": {k: {"lr": HP[k].learning_rate} for k in trained},
         "min_lift_near_chance": {k: min(v) if v else None for k, v in lifts.items()},
         "mean_lift_near_chance": {k: round(sum(v) / len(v), 4) if v else None for k, v in lifts.items()},
         "min_over_majority_near_chance": {k: min(v) if v else None for k, v in over_majority.items()},

@@ -82,12 +82,17 @@ def _prefill_attention_kernel(
     _finish_rows(acc, m_i, l_i, out_ptrs, lse_ptrs, row_mask, STORE_LSE)
 
 
+def wide_fp32(dtype: torch.dtype, head_dim: int) -> bool:
+    """An fp32 cache at head_dim 128: IEEE dots without tensor cores and twice the tile bytes of 16-bit
+    storage, so tiles sized for fp16/bf16 spill (ptxas counts, tests/kernels/test_gpu_compile.py)."""
+    return dtype == torch.float32 and head_dim > 64
+
+
 def tile_rows(group: int, dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_Q): rows per tile and query tokens per tile for a GQA group size. 64 rows
-    with 8 warps fit head_dim 128 in sm_90 registers without spills; an fp32 cache at head_dim 128
-    (IEEE dots, no tensor cores) spilled, and fits with 32 rows and 16 keys a step (ptxas counts,
-    checked by tests/kernels/test_gpu_compile.py; not yet timed)."""
-    rows = 32 if dtype == torch.float32 and head_dim > 64 else 64
+    with 8 warps fit head_dim 128 in sm_90 registers without spills; `wide_fp32` caches need 32
+    (with 16 keys a step in prefill). Not yet timed."""
+    rows = 32 if wide_fp32(dtype, head_dim) else 64
     block_m = max(rows, triton.next_power_of_2(group))
     return block_m, block_m // group
 
@@ -120,7 +125,7 @@ def prefill_attention(
     if num_tokens == 0 or num_seqs == 0:
         return (out, lse) if return_lse else out
     block_m, block_q = tile_rows(group, q.dtype, head_dim)
-    block_n = 16 if q.dtype == torch.float32 and head_dim > 64 else 32  # fp32 d128 spilled at 32 keys (ptxas)
+    block_n = 16 if wide_fp32(q.dtype, head_dim) else 32
     num_blocks = num_tokens // block_q + num_seqs  # upper bound, see _find_seq
     _prefill_attention_kernel[(num_blocks, num_kv_heads)](
         q, k_cache, v_cache, out, lse, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table,

@@ -46,16 +46,17 @@ SM80_CASES = (" float16 d128 gqa2", " float16 r16", " bfloat16 d64 gqa2")
 LLAMA_1B_HEADS = (32, 8)  # Llama-3.2-1B: 32 query heads over 8 KV heads (the issue's 16/8 has GQA 2, below)
 
 
-def launched_kernels() -> list[str]:
-    """Names of the kernels the launchers launch (module attributes that are Triton kernels)."""
-    return sorted(name for module in KERNEL_MODULES for name, value in vars(module).items()
-                  if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"))
+def kernel_attributes() -> list[tuple[object, str, triton.runtime.JITFunction]]:
+    """(module, name, kernel) of every kernel the launchers launch (module attributes that are Triton
+    kernels; @triton.jit helpers they call are not named *_kernel)."""
+    return [(module, name, value) for module in KERNEL_MODULES for name, value in vars(module).items()
+            if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel")]
 
 
 @contextmanager
 def recorded_launches():
     """Swap every kernel of KERNEL_MODULES for a recorder; yields the list of (kernel, args, kwargs)."""
-    launches, originals = [], []
+    launches, originals = [], kernel_attributes()
 
     class Recorder:
         def __init__(self, kernel):
@@ -64,11 +65,8 @@ def recorded_launches():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    for module in KERNEL_MODULES:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
-                originals.append((module, name, value))
-                setattr(module, name, Recorder(value))
+    for module, name, kernel in originals:
+        setattr(module, name, Recorder(kernel))
     try:
         yield launches
     finally:
@@ -191,7 +189,7 @@ def main() -> None:
                             "max_shared_bytes": max_shared, "num_warps": compiled.metadata.num_warps,
                             "constexprs": {k: str(v) for k, v in constexprs.items()},
                             "seconds": round(time.monotonic() - started, 2)})
-    print(json.dumps({"kernels": results, "launched_kernels": launched_kernels()}))
+    print(json.dumps({"kernels": results, "launched_kernels": sorted(name for _, name, _ in kernel_attributes())}))
 
 
 if __name__ == "__main__":
