@@ -34,7 +34,9 @@ class Hyperparameters:
     eval_every: int = 0  # steps between progress evals (0: only at the end)
     # prefix / prompt / ptuning / subspace / intrinsic
     num_virtual_tokens: int = 8
-    init: str = "text"  # prompt: "text" (from init_text, else the task's instruction/label words) or "random"
+    # prompt / prefix: "text" (from init_text, else the task's instruction/label words: a soft prompt of
+    # their embeddings, a prefix of their keys and values) or "random"
+    init: str = "text"
     init_text: str | None = None
     encoder: str = "mlp"  # ptuning: "mlp" or "lstm"
     encoder_hidden: int = 128  # prefix projection / ptuning encoder width

@@ -41,6 +41,7 @@ from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedEr
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample, collate
 from prefixserve.training.evaluate import evaluate, output_nll
+from prefixserve.training.prefix_init import fit_prefix_encoder, real_token_prefix
 from prefixserve.training.spec import Hyperparameters, ProgressEvent, ProgressFn, TrainedAdapter
 
 PEFT_KINDS = ("prefix", "prompt", "ptuning", "lora")
@@ -111,10 +112,15 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
     config = peft_config(backbone, kind, hp, init_text)
     work_dir.mkdir(parents=True, exist_ok=True)
 
+    prefix_target = _prefix_init_target(backbone, kind, hp, init_text)
+
     def make(model):
         with torch.random.fork_rng(devices=[]):  # peft initialises the adapter from torch's global RNG
             torch.manual_seed(seed)
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
+        if prefix_target is not None:
+            fit_prefix_encoder(peft_model.prompt_encoder[peft_model.active_adapter], prefix_target)
+        return peft_model
     with wrapped(backbone.model, make) as peft_model:
         train_loss = _train_loop(peft_model, backbone, kind, train, eval, hp, seed, progress, work_dir, init_text)
         peft_dir = work_dir / "peft"
@@ -130,6 +136,15 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
             metrics |= evaluate(exported, backbone.tokenizer, eval, hp.eval_max_new_tokens, labels,
                                 eos_token_ids=backbone.eos_token_ids)
     return TrainedAdapter(artifact=artifact, kind="prompt" if kind == "ptuning" else kind, metrics=metrics)
+
+
+def _prefix_init_target(backbone: TrainingBackbone, kind: str, hp: Hyperparameters,
+                        init_text: str | None) -> torch.Tensor | None:
+    """The real-text keys and values a prefix run starts from (init "text" with a text to use), else None."""
+    text = hp.init_text or init_text
+    if kind != "prefix" or hp.init != "text" or not text:
+        return None
+    return real_token_prefix(backbone, text, hp.num_virtual_tokens)
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
