@@ -90,6 +90,7 @@ def fit_autoencoder(backbone: TrainingBackbone, sources: list[SubspaceSource], h
     objective. Both decay the rate to zero (cosine): Adam moves every one of the P*hidden x Hd decoder
     weights by ~lr a step, so a constant rate keeps the reconstructions jittering by far more than the
     precision a soft prompt needs."""
+    hp = hp.with_kind_defaults("subspace")
     prompts = _check_sources(backbone, sources)  # [N, P, hidden]
     num_sources, num_tokens, hidden = prompts.shape
     torch.manual_seed(seed)
@@ -157,6 +158,7 @@ def train_intrinsic(backbone: TrainingBackbone, subspace: Artifact, subspace_ver
                                 f"{subspace.version}, found {subspace_version}")
     if not train:
         raise TrainingDataError("expected at least one training example, found none")
+    hp = hp.with_kind_defaults("intrinsic")
     config = subspace.config
     rows = subspace.tensors["decoder.2.bias"].shape[0]
     if rows != config["num_virtual_tokens"] * backbone.arch.hidden_size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from prefixserve.errors import TrainingDataError
 
@@ -22,12 +22,19 @@ MAX_STEPS = 100_000
 MAX_SOURCES = 256
 
 
+# The rates task_quality measured on the suite (benchmarks/RESULTS.md). They differ by orders of magnitude:
+# a soft prompt wants large steps; a prefix started from real keys and values is wrecked by them (longer_word:
+# 0.88 exact match at 1e-3, 0.00 at 3e-3); Adam moves every decoder weight of a subspace by ~lr a step.
+DEFAULT_LEARNING_RATES = {"prompt": 0.1, "ptuning": 3e-2, "prefix": 1e-3, "lora": 3e-3, "subspace": 1e-3,
+                          "intrinsic": 0.1}
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     """Defaults suit a few hundred short examples on SmolLM2-135M; every kind reads only its own fields."""
 
     steps: int = 200
-    learning_rate: float = 3e-2  # soft prompts want large rates; LoRA jobs usually pass ~1e-3
+    learning_rate: float | None = None  # None: the kind's DEFAULT_LEARNING_RATES entry (see with_kind_defaults)
     batch_size: int = 8
     max_length: int = 128  # prompt + output tokens of one example; longer examples fail the job
     eval_max_new_tokens: int = 16
@@ -49,6 +56,12 @@ class Hyperparameters:
     decoder_hidden: int = 256
     mse_weight: float = 200.0  # the paper's alpha on MSE(reconstruction, original prompt)
     subspace: str | None = None  # intrinsic: the engine task name of a published subspace artifact
+
+    def with_kind_defaults(self, kind: str) -> Hyperparameters:
+        """These hyperparameters with `kind`'s default learning rate if none was given."""
+        if self.learning_rate is not None:
+            return self
+        return replace(self, learning_rate=DEFAULT_LEARNING_RATES[kind])
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ def parse_job_spec(raw: object) -> JobSpec:
     suite_task = raw.get("suite_task")
     if suite_task is not None and not isinstance(suite_task, str):
         raise TrainingDataError(f"expected 'suite_task' to be a task suite name, found {suite_task!r:.80}")
-    hp = _hyperparameters(raw.get("hyperparameters", {}))
+    hp = _hyperparameters(raw.get("hyperparameters", {})).with_kind_defaults(kind)
     sources = _sources(raw.get("sources", ()))
     if kind == "subspace":
         if not sources or examples or suite_task:

@@ -109,6 +109,7 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
     """Train, checkpoint, export and evaluate one adapter; the artifact is validated for `backbone`."""
     if not train:
         raise TrainingDataError("expected at least one training example, found none")
+    hp = hp.with_kind_defaults(kind)
     config = peft_config(backbone, kind, hp, init_text)
     work_dir.mkdir(parents=True, exist_ok=True)
 

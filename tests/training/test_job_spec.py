@@ -6,7 +6,13 @@ import json
 import pytest
 
 from prefixserve.errors import TrainingDataError
-from prefixserve.training.spec import MAX_EXAMPLE_CHARS, Hyperparameters, JobSpec, parse_job_spec
+from prefixserve.training.spec import (
+    DEFAULT_LEARNING_RATES,
+    MAX_EXAMPLE_CHARS,
+    Hyperparameters,
+    JobSpec,
+    parse_job_spec,
+)
 
 EXAMPLES = [{"input": "great", "output": "positive"}, {"input": "awful", "output": "negative"}]
 
@@ -84,5 +90,15 @@ def test_valid_spec_round_trips_through_json(raw):
 
 def test_defaults():
     spec = parse_job_spec(valid())
-    assert spec == JobSpec(task="acme/sentiment", kind="prompt", examples=tuple(EXAMPLES))
-    assert spec.hyperparameters == Hyperparameters()
+    assert spec == JobSpec(task="acme/sentiment", kind="prompt", examples=tuple(EXAMPLES),
+                           hyperparameters=Hyperparameters(learning_rate=DEFAULT_LEARNING_RATES["prompt"]))
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "intrinsic"])
+def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
+    extra = {"subspace": "acme/sub"} if kind == "intrinsic" else {}
+    assert parse_job_spec(valid(kind=kind, hyperparameters=extra)).hyperparameters.learning_rate == \
+        DEFAULT_LEARNING_RATES[kind]
+    given = parse_job_spec(valid(kind=kind, hyperparameters={"learning_rate": 0.5, **extra}))
+    assert given.hyperparameters.learning_rate == 0.5
+    assert Hyperparameters(learning_rate=0.5).with_kind_defaults(kind).learning_rate == 0.5
