@@ -36,7 +36,7 @@ from prefixserve.training.backbone import TrainingBackbone, load_training_backbo
 from prefixserve.training.data import encode_examples
 from prefixserve.training.evaluate import evaluate
 from prefixserve.training.ipt import SubspaceSource, train_intrinsic, train_subspace
-from prefixserve.training.spec import Hyperparameters, ProgressEvent
+from prefixserve.training.spec import DEFAULT_LEARNING_RATES, Hyperparameters, ProgressEvent
 from prefixserve.training.tasks import TASK_NAMES, build_task
 from prefixserve.training.trainers import train_peft
 
@@ -47,12 +47,13 @@ QUICK_TASKS = ("word_size", "longer_word")
 HELD_OUT = ("starts_with_vowel", "longer_word", "sentiment_negation", "restaurant_near", "made_up_fruit", "word_size")
 FORMAT_SIBLINGS = {"starts_with_vowel": "made_up_yes_no", "longer_word": "alphabetical_first",
                    "sentiment_negation": "sentiment_polarity", "restaurant_near": "restaurant_area"}
-# What worked on this CPU (lr per kind; soft prompts want large rates, LoRA small ones).
-HP = {"prompt": Hyperparameters(learning_rate=0.1, num_virtual_tokens=8),
-      "prefix": Hyperparameters(learning_rate=1e-2, num_virtual_tokens=8, encoder_hidden=128),
-      "lora": Hyperparameters(learning_rate=3e-3, rank=8, targets=("q_proj", "v_proj")),
-      "msf": Hyperparameters(learning_rate=1e-3, intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
-      "ist": Hyperparameters(learning_rate=0.1)}
+# The kinds' default rates (DEFAULT_LEARNING_RATES holds what worked here) and the shapes they were measured at.
+_RATES = DEFAULT_LEARNING_RATES
+HP = {"prompt": Hyperparameters(learning_rate=_RATES["prompt"], num_virtual_tokens=8),
+      "prefix": Hyperparameters(learning_rate=_RATES["prefix"], num_virtual_tokens=8, encoder_hidden=128),
+      "lora": Hyperparameters(learning_rate=_RATES["lora"], rank=8, targets=("q_proj", "v_proj")),
+      "msf": Hyperparameters(learning_rate=_RATES["subspace"], intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
+      "ist": Hyperparameters(learning_rate=_RATES["intrinsic"])}
 
 
 def parse_args() -> argparse.Namespace:
