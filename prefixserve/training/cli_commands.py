@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefixserve.errors import PrefixServeError, TrainingDataError
 from prefixserve.training.queue import DEFAULT_VISIBILITY_TIMEOUT_S, Claim, JobQueue
-from prefixserve.training.spec import ProgressEvent
+from prefixserve.training.spec import DEFAULT_LEARNING_RATES, ProgressEvent
 from prefixserve.training.sqlite_queue import SqliteJobQueue
 
 DEFAULT_QUEUE_DB = "~/.local/share/prefixserve/jobs.sqlite3"
@@ -69,7 +69,8 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     data.add_argument("--data", type=Path, help="JSONL examples: {\"input\", \"output\"} or {\"messages\"} per line")
     data.add_argument("--suite-task", help="a built-in task of prefixserve.training.tasks")
     train.add_argument("--steps", type=int)
-    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--learning-rate", type=float, help="default: the kind's (" + ", ".join(
+        f"{kind} {rate:g}" for kind, rate in DEFAULT_LEARNING_RATES.items()) + ")")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-length", type=int, help="prompt + output tokens of one example")
     train.add_argument("--num-virtual-tokens", type=int)
