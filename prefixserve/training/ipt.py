@@ -205,7 +205,6 @@ def _best_start(backbone: TrainingBackbone, decoder: dict[str, torch.Tensor], co
     return candidates[best].float(), best - 1, losses[best]
 
 
-
 @dataclass
 class _Published:
     data: bytes

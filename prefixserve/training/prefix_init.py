@@ -54,7 +54,7 @@ def fit_prefix_encoder(encoder: torch.nn.Module, target: torch.Tensor) -> float:
     embedding = encoder.embedding.weight  # [P, token_dim]
     features = torch.tanh(first(embedding)).double()  # [P, hidden]
     design = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)  # [P, hidden + 1]
-    # lstsq's minimum-norm solution needs a full-rank system; pinv gives it for the wide case.
+    # P <= hidden + 1 rows: the pseudo-inverse gives the exact, minimum-norm solution.
     solution = torch.linalg.pinv(design) @ target.to(design)  # [hidden + 1, out]
     last.weight.copy_(solution[:-1].T.to(last.weight))
     last.bias.copy_(solution[-1].to(last.bias))

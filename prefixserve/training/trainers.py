@@ -59,8 +59,8 @@ def peft_config(backbone: TrainingBackbone, kind: str, hp: Hyperparameters, init
         return PrefixTuningConfig(task_type=causal, num_virtual_tokens=num_tokens, prefix_projection=True,
                                   encoder_hidden_size=hp.encoder_hidden)
     if kind == "prompt":
-        text = hp.init_text or init_text
-        if hp.init == "text" and text:
+        text = _init_text(hp, init_text)
+        if text:
             return PromptTuningConfig(task_type=causal, num_virtual_tokens=num_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=text,
                                       tokenizer_name_or_path=str(backbone.model_dir))
@@ -139,11 +139,16 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
     return TrainedAdapter(artifact=artifact, kind="prompt" if kind == "ptuning" else kind, metrics=metrics)
 
 
+def _init_text(hp: Hyperparameters, init_text: str | None) -> str | None:
+    """The text a prompt or prefix starts from: hp.init_text, else the task's; None for init "random"."""
+    return (hp.init_text or init_text) if hp.init == "text" else None
+
+
 def _prefix_init_target(backbone: TrainingBackbone, kind: str, hp: Hyperparameters,
                         init_text: str | None) -> torch.Tensor | None:
     """The real-text keys and values a prefix run starts from (init "text" with a text to use), else None."""
-    text = hp.init_text or init_text
-    if kind != "prefix" or hp.init != "text" or not text:
+    text = _init_text(hp, init_text)
+    if kind != "prefix" or not text:
         return None
     return real_token_prefix(backbone, text, hp.num_virtual_tokens)
 
