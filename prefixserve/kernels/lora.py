@@ -165,8 +165,10 @@ def lora_shrink(
     if num_tokens == 0 or num_segments == 0 or meta.max_tokens_per_slot == 0:
         return h
     block_r = max(16, triton.next_power_of_2(max_rank))
-    # 64 x 64-rank fp32 accumulators next to the x and A tiles spilled on sm_90 (tests/kernels/gpu_compile.py)
-    block_m, block_k = (16 if meta.max_tokens_per_slot <= 16 else 64 if block_r <= 32 else 32), 64
+    # 64 x 64-rank fp32 accumulators next to the x and A tiles spilled on sm_90 (tests/kernels/gpu_compile.py);
+    # so did 64 x 16 with fp32 x and A tiles 64 wide under Triton 3.7.1 (torch 2.13's pin): half as wide then
+    block_m = 16 if meta.max_tokens_per_slot <= 16 else 64 if block_r <= 32 else 32
+    block_k = 32 if x.dtype == torch.float32 and block_m == 64 else 64
     m_blocks = triton.cdiv(meta.max_tokens_per_slot, block_m)
     if split_k is None:  # decode batches have few programs: split in_features to fill the GPU
         split_k = 1
