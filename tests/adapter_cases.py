@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from peft import (
     LoraConfig,
@@ -16,6 +17,8 @@ from peft import (
     TaskType,
     get_peft_model,
 )
+
+from prefixserve.training.adapter_guard import library_versions
 
 CAUSAL = TaskType.CAUSAL_LM
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,17 +65,34 @@ def make_peft_adapter(base, config, out_dir: Path, seed: int) -> PeftModel:
 
 @torch.inference_mode()
 def peft_greedy(model: PeftModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
-                                                                                         dtype=torch.long),
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, -max_new_tokens:].tolist()
+    """PEFT's greedy tokens: PeftModel's own forward over the whole sequence at every step. Not
+    `PeftModel.generate`, whose cache handling is where upgrades break (transformers 5.24 with peft 0.21
+    dropped prefixes and soft prompts there); the forward is what defines each kind's output."""
+    require_reference_uses_adapter(model, prompt_ids)
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        ids.append(int(peft_last_logits(model, ids).argmax()))
+    return ids[len(prompt_ids):]
 
 
 @torch.inference_mode()
 def peft_last_logits(model: PeftModel, token_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([token_ids])
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+
+
+@torch.inference_mode()
+def require_reference_uses_adapter(model: PeftModel, token_ids: list[int]) -> None:
+    """Fail as "reference broken" (not as a parity mismatch) when PeftModel's output is the bare
+    backbone's: then the installed transformers/peft pair ignores the adapter, and the engine's output
+    cannot be judged against it."""
+    with_adapter = peft_last_logits(model, token_ids)
+    with model.disable_adapter():
+        without = peft_last_logits(model, token_ids)
+    if torch.equal(with_adapter, without):
+        kind = model.peft_config[model.active_adapter].peft_type.value
+        pytest.fail(f"reference broken: PeftModel ignores its {kind} adapter with {library_versions()}; the "
+                    f"parity tests need a reference that applies it (see requirements.lock)", pytrace=False)
 
 
 def intrinsic_case(base, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5, seed: int = 77):

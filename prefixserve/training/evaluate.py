@@ -4,6 +4,11 @@ Predictions are what the serving engine generates for the same adapter: fp32, gr
 prompt token ids, stopping at the backbone's EOS tokens. Prompts are batched only with prompts of
 the same length, so no sequence is padded and every prompt token sits at the position the engine
 gives it (P + i behind a soft prompt or prefix of P virtual tokens).
+
+peft's prompt-learning kinds are decoded here from their virtual tokens (`PeftModel.get_prompt`)
+through the backbone's own forward, not through `PeftModel.generate`: with transformers 5.24 and
+peft 0.21 that generate silently dropped prefixes and soft prompts, and metrics scored the bare
+backbone. LoRA lives inside the backbone's layers, so the backbone's `generate` serves it as is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from prefixserve.training.data import IGNORE_INDEX, EncodedExample, collate
+from prefixserve.training.soft_prompt import greedy_with_prefix, greedy_with_soft_prompt
 
 MAX_EVAL_BATCH = 32
 
@@ -26,19 +32,40 @@ def predict_ids(model, examples: list[EncodedExample], max_new_tokens: int, eos_
     for i, e in enumerate(examples):
         by_length[len(e.prompt_ids)].append(i)
     outputs: list[list[int]] = [[] for _ in examples]
-    device = model.get_input_embeddings().weight.device
     eos = sorted(eos_token_ids)
-    for length, indices in sorted(by_length.items()):
+    for _, indices in sorted(by_length.items()):
         for start in range(0, len(indices), MAX_EVAL_BATCH):
             chunk = indices[start:start + MAX_EVAL_BATCH]
-            input_ids = torch.tensor([examples[i].prompt_ids for i in chunk], device=device)  # [B, L]
-            generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                       pad_token_id=pad_id)  # [B, L + new]
-            for i, row in zip(chunk, generated[:, length:].tolist()):
+            prompts = [examples[i].prompt_ids for i in chunk]
+            for i, row in zip(chunk, _greedy(model, prompts, max_new_tokens, eos, pad_id)):
                 cut = next((k for k, t in enumerate(row) if t in eos_token_ids), len(row))
                 outputs[i] = row[:cut]
     return outputs
+
+
+def _greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad_id: int) -> list[list[int]]:
+    """Greedy new token ids of equal-length prompts (EOS included where one was emitted)."""
+    device = model.get_input_embeddings().weight.device
+    config = _prompt_learning_config(model)
+    if config is not None:
+        base, virtual = model.get_base_model(), model.get_prompt(batch_size=len(prompts))
+        if config.peft_type == "PREFIX_TUNING":  # a Cache of P keys and values per layer
+            return greedy_with_prefix(base, virtual, config.num_virtual_tokens, prompts, max_new_tokens, eos, pad_id)
+        return greedy_with_soft_prompt(base, virtual, prompts, max_new_tokens, eos, pad_id)  # virtual [B, P, hidden]
+    input_ids = torch.tensor(prompts, device=device)  # [B, L]
+    generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                               max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                               pad_token_id=pad_id)  # [B, L + new]
+    return generated[:, input_ids.shape[1]:].tolist()
+
+
+def _prompt_learning_config(model):
+    """The active peft config of a prompt-learning PeftModel (prefix, prompt, P-tuning), else None."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    config = configs[model.active_adapter]
+    return config if config.is_prompt_learning else None
 
 
 def predict(model, tokenizer, examples: list[EncodedExample], max_new_tokens: int,

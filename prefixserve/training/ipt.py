@@ -27,6 +27,7 @@ from torch import nn
 from prefixserve.adapters_store.format import Artifact, decode_artifact, encode_artifact
 from prefixserve.adapters_store.kinds import SubspaceKind
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
+from prefixserve.training.adapter_guard import require_params_reach_loss
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample
 from prefixserve.training.evaluate import evaluate
@@ -106,6 +107,7 @@ def fit_autoencoder(backbone: TrainingBackbone, sources: list[SubspaceSource], h
     tasks_per_step = min(TASKS_PER_STEP, num_sources)
     per_task = max(1, hp.batch_size // tasks_per_step)
     losses = _Losses(hp.steps)
+    _require_soft_prompt_is_used(backbone, prompts[0], sources[0].train[:hp.batch_size])
     for step in range(1, hp.steps + 1):
         task_ids = batch_indices(num_sources, tasks_per_step, seed, step)
         batch = [sources[t].train[i] for t in task_ids
@@ -168,6 +170,8 @@ def train_intrinsic(backbone: TrainingBackbone, subspace: Artifact, subspace_ver
     generator = torch.Generator().manual_seed(seed)
     paper_init = torch.randn(config["intrinsic_dim"], generator=generator) * Z_INIT_STD  # [d]
     start, start_index, start_loss = _best_start(backbone, decoder, config, paper_init, train, seed)
+    _require_soft_prompt_is_used(backbone, SubspaceKind.decode(decoder, start, config),
+                                 [train[i] for i in batch_indices(len(train), hp.batch_size, seed, 1)])
     z = nn.Parameter(start.clone())  # [d]
     optimizer = torch.optim.AdamW([z], lr=hp.learning_rate, weight_decay=0.0)
     losses = _Losses(hp.steps)
@@ -192,6 +196,15 @@ def train_intrinsic(backbone: TrainingBackbone, subspace: Artifact, subspace_ver
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+def _require_soft_prompt_is_used(backbone: TrainingBackbone, prompt: torch.Tensor, batch: list[EncodedExample]) -> None:
+    """TrainingFailedError (naming the library versions) when the backbone's forward ignores a soft prompt
+    [P, hidden] handed to it as input embeddings."""
+    if not batch:
+        return
+    probe = prompt.detach().clone()
+    require_params_reach_loss([probe], lambda: soft_prompt_loss(backbone.model, probe, batch), "soft prompt")
+
+
 @torch.no_grad()
 def _best_start(backbone: TrainingBackbone, decoder: dict[str, torch.Tensor], config: dict,
                 paper_init: torch.Tensor, train: list[EncodedExample], seed: int) -> tuple[torch.Tensor, int, float]:

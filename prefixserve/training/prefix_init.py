@@ -17,8 +17,12 @@ solution is taken).
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
+from prefixserve.errors import TrainingFailedError
+from prefixserve.training.adapter_guard import library_versions
 from prefixserve.training.backbone import TrainingBackbone
+from prefixserve.training.hf_cache import cache_kwarg
 
 SEPARATOR = "\n"  # between the prefix text and the prompt, as an instruction is written above a question
 
@@ -37,8 +41,14 @@ def real_token_prefix(backbone: TrainingBackbone, text: str, num_virtual_tokens:
     positions 0..P-1, laid out as peft's prefix encoder outputs them (per layer: keys, then values)."""
     ids = text_token_ids(backbone.tokenizer, text, num_virtual_tokens)
     device = backbone.model.get_input_embeddings().weight.device
-    out = backbone.model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    cache = out.past_key_values
+    cache = DynamicCache()  # filled in place: the output's name for it moved in transformers 5.24
+    backbone.model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+                   **{cache_kwarg(backbone.model): cache})
+    if len(cache.layers) != backbone.arch.num_layers:
+        raise TrainingFailedError(f"expected the backbone to fill a cache of {backbone.arch.num_layers} layers with "
+                                  f"the prefix text's keys and values, found {len(cache.layers)}: the installed "
+                                  f"libraries ({library_versions()}) ignore the cache argument. Nothing was trained "
+                                  f"or published; install the versions in requirements.lock")
     per_layer = []
     for layer in range(len(cache.layers)):
         keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [kv_heads, P, head_dim]

@@ -1,4 +1,4 @@
-"""The frozen backbone steered by an arbitrary soft prompt, exactly as the engine serves one.
+"""The frozen backbone steered by an arbitrary soft prompt (or a prefix), exactly as the engine serves one.
 
 The engine runs a soft prompt ([P, hidden] embeddings: a `prompt` artifact, or decoder(z) of an
 `intrinsic` one) through the backbone as positions 0..P-1 and starts the request's own tokens at
@@ -7,7 +7,8 @@ out the same way, so what a trainer measures is what a tenant will get.
 
 Layout of one padded row: [P soft-prompt vectors][real tokens][right pad] for the loss, and
 [P soft-prompt vectors][left pad][prompt tokens] for decoding (so every row's next token is at the
-last column). Padding is masked out and never shifts a real token's position."""
+last column). Padding is masked out and never shifts a real token's position. A prefix-tuning prefix
+(`greedy_with_prefix`) is P keys and values per layer in the cache instead, with the same positions."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from prefixserve.training.hf_cache import cache_kwarg
 
 if TYPE_CHECKING:
     from prefixserve.training.data import EncodedExample
@@ -72,46 +75,79 @@ def soft_prompt_loss(model, soft_prompt: torch.Tensor, batch: Sequence[EncodedEx
     return sums / targets.sum(1).clamp(min=1)  # [B]
 
 
-@torch.no_grad()
-def greedy_with_soft_prompt(model, tokenizer, soft_prompt: torch.Tensor, prompts: list[list[int]],
-                            max_new_tokens: int, eos_ids: Sequence[int]) -> list[list[int]]:
-    """Greedy continuation of each prompt behind the soft prompt ([P, hidden] shared, or
-    [len(prompts), P, hidden] one per prompt). A row stops after emitting a token in `eos_ids`
-    (which it keeps, as the engine does) or after max_new_tokens."""
-    device = model.get_input_embeddings().weight.device
-    batch_size, lengths = len(prompts), [len(p) for p in prompts]
-    num_cols = max(lengths)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id works
-    ids = torch.full((batch_size, num_cols), pad_id, dtype=torch.long)  # [B, T] left-padded
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T] left-padded with pad_id, real [B, T] True on prompt tokens): every row's next token
+    is then predicted at the last column."""
+    lengths, num_cols = [len(p) for p in prompts], max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), num_cols), pad_id, dtype=torch.long)  # [B, T]
     for row, p in enumerate(prompts):
         ids[row, num_cols - len(p):] = torch.tensor(p, dtype=torch.long)
-    ids = ids.to(device)
-    real = (torch.arange(num_cols).unsqueeze(0) >= num_cols - torch.tensor(lengths).unsqueeze(1)).to(device)
+    real = torch.arange(num_cols).unsqueeze(0) >= num_cols - torch.tensor(lengths).unsqueeze(1)  # [B, T]
+    return ids.to(device), real.to(device)
 
+
+def _behind_virtual(real: torch.Tensor, num_virtual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention [B, P+T] with the P virtual positions attended, positions [B, T] of the real tokens):
+    real tokens sit at P..P+len-1 whatever the padding; pad columns get any position (they are masked)."""
+    batch_size = real.shape[0]
+    attention = torch.cat([torch.ones(batch_size, num_virtual, dtype=torch.long, device=real.device), real.long()], 1)
+    positions = (num_virtual + real.long().cumsum(1) - 1).clamp(min=num_virtual)  # [B, T]
+    return attention, positions
+
+
+@torch.no_grad()
+def greedy_with_soft_prompt(model, soft_prompt: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
+                            eos_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuation of each prompt behind the soft prompt ([P, hidden] shared, or
+    [len(prompts), P, hidden] one per prompt). A row stops after emitting a token in `eos_ids`
+    (which it keeps, as the engine does) or after max_new_tokens. Padding is masked: any pad_id works."""
+    device = model.get_input_embeddings().weight.device
+    ids, real = _left_padded(prompts, pad_id, device)  # [B, T]
     embeds = model.get_input_embeddings()(ids)  # [B, T, hidden]
-    prompt = _expand(soft_prompt.to(device), batch_size, embeds.dtype)  # [B, P, hidden]
+    prompt = _expand(soft_prompt.to(device), len(prompts), embeds.dtype)  # [B, P, hidden]
     num_virtual = prompt.shape[1]
-    attention = torch.cat([torch.ones(batch_size, num_virtual, dtype=torch.long, device=device), real.long()], 1)
-    # Real tokens sit at P..P+len-1 whatever the padding; pad columns get any position (they are masked).
-    token_positions = (num_virtual + real.long().cumsum(1) - 1).clamp(min=num_virtual)  # [B, T]
-    positions = torch.cat([torch.arange(num_virtual, device=device).expand(batch_size, -1), token_positions], 1)
+    attention, token_positions = _behind_virtual(real, num_virtual)
+    positions = torch.cat([torch.arange(num_virtual, device=device).expand(len(prompts), -1), token_positions], 1)
     cache = DynamicCache()
     out = model(inputs_embeds=torch.cat([prompt, embeds], 1), attention_mask=attention, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    next_positions = torch.tensor(lengths, device=device) + num_virtual  # [B]
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    return _greedy_continue(model, out.logits, cache, attention, token_positions[:, -1] + 1, max_new_tokens, eos_ids)
+
+
+@torch.no_grad()
+def greedy_with_prefix(model, prefix_cache, num_virtual: int, prompts: list[list[int]], max_new_tokens: int,
+                       eos_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuation of each prompt behind a prefix-tuning prefix: `prefix_cache` is a transformers
+    Cache already holding the P virtual keys and values of every row (what peft's `get_prompt` makes),
+    and is extended in place. The prompt's tokens sit at P, P+1, ..., as the engine serves them."""
+    device = model.get_input_embeddings().weight.device
+    ids, real = _left_padded(prompts, pad_id, device)  # [B, T]
+    attention, positions = _behind_virtual(real, num_virtual)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{cache_kwarg(model): prefix_cache})
+    return _greedy_continue(model, out.logits, prefix_cache, attention, positions[:, -1] + 1, max_new_tokens,
+                            eos_ids)
+
+
+def _greedy_continue(model, logits: torch.Tensor, cache, attention: torch.Tensor, next_positions: torch.Tensor,
+                     max_new_tokens: int, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Decode from the prompt's last logits [B, 1, V] one token a step through `cache`; `attention` [B, S]
+    covers what the cache holds, `next_positions` [B] is each row's next position."""
+    batch_size, device = logits.shape[0], logits.device
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    outputs: list[list[int]] = [[] for _ in prompts]
+    outputs: list[list[int]] = [[] for _ in range(batch_size)]
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    kwarg = cache_kwarg(model)
     for step in range(max_new_tokens):
-        tokens = out.logits[:, -1].argmax(-1)  # [B]
+        tokens = logits[:, -1].argmax(-1)  # [B]
         for row in (~done).nonzero()[:, 0].tolist():
             outputs[row].append(int(tokens[row]))
         done |= torch.isin(tokens, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         attention = torch.cat([attention, torch.ones(batch_size, 1, dtype=torch.long, device=device)], 1)
-        out = model(input_ids=tokens.unsqueeze(1), attention_mask=attention, position_ids=next_positions.unsqueeze(1),
-                    past_key_values=cache, use_cache=True)
+        logits = model(input_ids=tokens.unsqueeze(1), attention_mask=attention,
+                       position_ids=next_positions.unsqueeze(1), use_cache=True, **{kwarg: cache}).logits
         next_positions = next_positions + 1
     return outputs
 
@@ -148,7 +184,7 @@ def evaluate_soft_prompt(model, tokenizer, soft_prompt: torch.Tensor, examples: 
         with torch.no_grad():
             nll += float(soft_prompt_loss(model, soft_prompt, chunk)) * chunk_tokens
         num_tokens += chunk_tokens
-        predictions = greedy_with_soft_prompt(model, tokenizer, soft_prompt, [list(ex.prompt_ids) for ex in chunk],
+        predictions = greedy_with_soft_prompt(model, soft_prompt, [list(ex.prompt_ids) for ex in chunk],
                                               max_new_tokens, eos_ids)
         hits += exact_match(tokenizer, predictions, chunk, eos_ids) * len(chunk)
     return {"exact_match": hits / len(examples), "eval_loss": nll / num_tokens}

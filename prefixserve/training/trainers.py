@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from prefixserve.adapters_store.kinds import LORA_TARGETS
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
+from prefixserve.training.adapter_guard import require_params_reach_loss
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample, collate
 from prefixserve.training.evaluate import evaluate, output_nll
@@ -123,6 +124,7 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
             fit_prefix_encoder(peft_model.prompt_encoder[peft_model.active_adapter], prefix_target)
         return peft_model
     with wrapped(backbone.model, make) as peft_model:
+        _require_adapter_is_used(peft_model, backbone, kind, train, hp, seed)
         train_loss = _train_loop(peft_model, backbone, kind, train, eval, hp, seed, progress, work_dir, init_text)
         peft_dir = work_dir / "peft"
         shutil.rmtree(peft_dir, ignore_errors=True)
@@ -137,6 +139,15 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
             metrics |= evaluate(exported, backbone.tokenizer, eval, hp.eval_max_new_tokens, labels,
                                 eos_token_ids=backbone.eos_token_ids)
     return TrainedAdapter(artifact=artifact, kind="prompt" if kind == "ptuning" else kind, metrics=metrics)
+
+
+def _require_adapter_is_used(peft_model, backbone: TrainingBackbone, kind: str, train: list[EncodedExample],
+                             hp: Hyperparameters, seed: int) -> None:
+    """TrainingFailedError (naming the library versions) when the training forward ignores the adapter."""
+    pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+    batch = collate([train[i] for i in batch_indices(len(train), hp.batch_size, seed, 1)], pad_id)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    require_params_reach_loss(params, lambda: output_nll(peft_model, batch)[0], f"{kind} adapter")
 
 
 def _init_text(hp: Hyperparameters, init_text: str | None) -> str | None:

@@ -95,14 +95,14 @@ def test_greedy_with_soft_prompt_matches_engine_for_prompt_artifact(tiny_trainin
                                                         engine.adapters.fingerprint))
     prompts = [backbone.tokenizer(t).input_ids for t in ("fox", "a much longer prompt here\nAnswer:", "x y")]
     served = engine_greedy(engine, prompts, "t/prompt")
-    ours = greedy_with_soft_prompt(backbone.model, backbone.tokenizer, prompt, prompts, MAX_NEW,
+    ours = greedy_with_soft_prompt(backbone.model, prompt, prompts, MAX_NEW,
                                    backbone.eos_token_ids)
     assert ours == served
     assert all(len(t) == MAX_NEW for t in ours)
     # Stop one row early on a token it emits (as if it were EOS) while the padded others run on.
     stop = served[1][1]
     served = engine_greedy(engine, prompts, "t/prompt", stop=[stop])
-    ours = greedy_with_soft_prompt(backbone.model, backbone.tokenizer, prompt, prompts, MAX_NEW,
+    ours = greedy_with_soft_prompt(backbone.model, prompt, prompts, MAX_NEW,
                                    backbone.eos_token_ids | {stop})
     assert ours == served
     assert len(ours[1]) == 2 and ours[1][-1] == stop and any(len(t) == MAX_NEW for t in ours)
@@ -194,7 +194,7 @@ def test_ist_trains_only_z_and_the_engine_serves_what_was_evaluated(tiny_trainin
     prompts = [e.prompt_ids for e in eval_]
     served = engine_greedy(engine, prompts, "t/ipt")
     prompt = SubspaceKind.decode(subspace.tensors, intrinsic.tensors["z"], subspace.config)
-    ours = greedy_with_soft_prompt(backbone.model, backbone.tokenizer, prompt, prompts, MAX_NEW,
+    ours = greedy_with_soft_prompt(backbone.model, prompt, prompts, MAX_NEW,
                                    backbone.eos_token_ids)
     assert ours == served
     texts = [backbone.tokenizer.decode([t for t in ids if t not in backbone.eos_token_ids], skip_special_tokens=True)
@@ -236,7 +236,7 @@ def test_seen_source_served_through_its_vector(tiny_training_backbone, engine, m
     subspace = decode_artifact(result.artifact, expected_fingerprint=None, limits=backbone.limits, arch=None)
     recon = SubspaceKind.decode(subspace.tensors, z, subspace.config)
     assert engine_greedy(engine, prompts, "t/seen") == greedy_with_soft_prompt(
-        backbone.model, backbone.tokenizer, recon, prompts, MAX_NEW, backbone.eos_token_ids)
+        backbone.model, recon, prompts, MAX_NEW, backbone.eos_token_ids)
 
 
 def test_diverging_msf_fails_without_publishing(tiny_training_backbone):
