@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_worker import TASK, make_spec
+from test_worker import EXAMPLES, TASK, make_spec
 
 from prefixserve.errors import TrainingFailedError
 from prefixserve.training.adapter_guard import library_versions, loss_ignores
@@ -69,7 +69,6 @@ def test_a_prefix_the_forward_ignores_fails_the_job_and_nothing_is_published(tin
 def test_a_soft_prompt_the_forward_ignores_fails_ipt_training(tiny_training_backbone, monkeypatch):
     from prefixserve.training import ipt
     from prefixserve.training.data import encode_examples
-    from test_worker import EXAMPLES
 
     inner = tiny_training_backbone.model.model
     forward = type(inner).forward
