@@ -38,6 +38,14 @@ class AdapterError(InvalidRequestError):
     code = "invalid_adapter"
 
 
+class AdapterFailedError(PrefixServeError):
+    """A task version passed validation but failed while being served (compiled onto the device or run
+    in a step); it is quarantined on this server, and only its own requests end with this error."""
+
+    status_code = 422
+    code = "adapter_failed"
+
+
 class PayloadTooLargeError(InvalidRequestError):
     """An upload is larger than the configured limit."""
 

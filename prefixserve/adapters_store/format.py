@@ -70,10 +70,12 @@ def _canonical_header(data: bytes) -> bytes:
 
 
 def decode_artifact(
-    data: bytes, *, expected_fingerprint: dict | None, limits: AdapterLimits, arch: LlamaArch | None
+    data: bytes, *, expected_fingerprint: dict | None, limits: AdapterLimits, arch: LlamaArch | None,
+    dtype: torch.dtype = torch.float32,
 ) -> Artifact:
     """Parse and fully validate artifact bytes, or raise AdapterError (nothing is half-accepted).
-    expected_fingerprint None skips the backbone match; arch None skips the backbone shapes."""
+    expected_fingerprint None skips the backbone match; arch None skips the backbone shapes; `dtype`
+    is the engine's (every tensor and derived value must stay finite in it and in float32)."""
     if len(data) > limits.max_artifact_bytes:
         raise AdapterError(f"expected an artifact of at most {limits.max_artifact_bytes} bytes, found {len(data)}")
     metadata, entries = read_safetensors_header(data)
@@ -91,6 +93,7 @@ def decode_artifact(
     tensors = load_tensors(data)
     _check_tensor_values(tensors)
     kind_cls.validate(config, tensors, arch, limits)
+    check_finite_in_dtype(kind_cls.name, {**tensors, **kind_cls.derived_values(config, tensors)}, dtype)
     return Artifact(kind=kind_cls.name, config=config, tensors=tensors, fingerprint=fingerprint,
                     version=artifact_version(data), num_bytes=len(data))
 
@@ -141,6 +144,29 @@ def _check_tensor_values(tensors: dict[str, torch.Tensor]) -> None:
         if not bool(torch.isfinite(t).all()):
             num_bad = int((~torch.isfinite(t)).sum())
             raise AdapterError(f"expected finite values in tensor {name!r}, found {num_bad} NaN/Inf")
+
+
+def check_finite_in_dtype(kind: str, values: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Refuse a value that overflows once cast to what the engine holds it in: its dtype for weights,
+    KV and activations, float32 for the LoRA scaling and decoded soft prompts. Finite in the file is
+    not enough: 1e5 is a valid float32 but inf in float16."""
+    for dtype_held in dict.fromkeys((torch.float32, dtype)):
+        for name, value in values.items():
+            cast = value.to(dtype_held)
+            if bool(torch.isfinite(cast).all()):
+                continue
+            if value.numel() == 1:
+                found = f"{float(value):.6g}, which overflows"
+            else:
+                num_bad = int((~torch.isfinite(cast)).sum())
+                found = (f"{num_bad} of its {value.numel()} values overflow (largest magnitude "
+                         f"{float(value.double().abs().max()):.6g})")
+            raise AdapterError(f"{kind}: expected {name} to be finite in {_dtype_name(dtype_held)} (the dtype the "
+                               f"engine holds it in), found {found}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _canonical_json(field: str, value: dict) -> str:

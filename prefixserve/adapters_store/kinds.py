@@ -55,6 +55,12 @@ class AdapterKind:
         return 0
 
     @classmethod
+    def derived_values(cls, config: dict, tensors: Tensors) -> Tensors:
+        """Values the engine computes from a valid artifact besides its stored tensors (in float64 or
+        float32, before any cast), named for error messages; format.py checks they survive the cast."""
+        return {}
+
+    @classmethod
     def _check(cls, config: dict, tensors: Tensors, arch: LlamaArch | None, limits: AdapterLimits | None) -> None:
         raise NotImplementedError
 
@@ -136,6 +142,14 @@ class SubspaceKind(AdapterKind):
         hidden = torch.tanh(F.linear(z.to(w0.device, torch.float32), w0, b0))  # [Hd]
         return F.linear(hidden, w2, b2).view(config["num_virtual_tokens"], -1)  # [P, hidden]
 
+    @classmethod
+    def derived_values(cls, config: dict, tensors: Tensors) -> Tensors:
+        # IST starts a task at one of the source vectors: its soft prompt must be servable too.
+        if "source_vectors" not in tensors:
+            return {}
+        return {f"the soft prompt decoded from source_vectors[{i}]": cls.decode(tensors, z, config)
+                for i, z in enumerate(tensors["source_vectors"])}
+
 
 class IntrinsicKind(AdapterKind):
     """An IPT task: a d-dim vector z decoded by a shared subspace artifact (named by its version)."""
@@ -174,6 +188,14 @@ class LoRAKind(AdapterKind):
     def scaling(cls, config: dict) -> float:
         rank = config["rank"]
         return config["alpha"] / (math.sqrt(rank) if config["use_rslora"] else rank)
+
+    @classmethod
+    def derived_values(cls, config: dict, tensors: Tensors) -> Tensors:
+        # A finite alpha can still give a scaling past float32's range (alpha 1e308 / rank 8), which
+        # the slots' float32 scaling tensor cannot hold: computed here in float64, checked after the cast.
+        rank = f"sqrt(rank {config['rank']})" if config["use_rslora"] else f"rank {config['rank']}"
+        return {f"scaling (alpha {config['alpha']:g} / {rank})": torch.tensor(cls.scaling(config),
+                                                                           dtype=torch.float64)}
 
     @classmethod
     def _check(cls, config, tensors, arch, limits):

@@ -55,9 +55,11 @@ _ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib_error, EOFError, O
                    NotImplementedError)
 
 
-def import_peft(source: Path | bytes, *, arch: LlamaArch, fingerprint: dict, limits: AdapterLimits) -> bytes:
+def import_peft(source: Path | bytes, *, arch: LlamaArch, fingerprint: dict, limits: AdapterLimits,
+                dtype: torch.dtype = torch.float32) -> bytes:
     """Convert a PEFT adapter (directory, archive path or archive bytes) into artifact bytes that
-    decode_artifact accepts for this backbone; AdapterError says what does not fit."""
+    decode_artifact accepts for this backbone and an engine computing in `dtype`; AdapterError says
+    what does not fit (e.g. a lora_alpha whose scaling overflows float32)."""
     config_bytes, weights_bytes = read_adapter_files(source, limits)
     try:
         peft_config = json.loads(config_bytes)
@@ -75,7 +77,7 @@ def import_peft(source: Path | bytes, *, arch: LlamaArch, fingerprint: dict, lim
     _check_common(peft_config)
     kind, config, tensors = convert(peft_config, tensors, arch)
     data = encode_artifact(kind, config, tensors, fingerprint)
-    decode_artifact(data, expected_fingerprint=fingerprint, limits=limits, arch=arch)  # the same gate as uploads
+    decode_artifact(data, expected_fingerprint=fingerprint, limits=limits, arch=arch, dtype=dtype)  # as uploads
     return data
 
 

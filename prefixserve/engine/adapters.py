@@ -12,11 +12,14 @@ its last request ends. A request whose version is not on the device waits, while
 until a background loader has fetched it and the engine thread has compiled it (`poll`). Idle
 versions are evicted least-recently-used first when pages or slots run short; a version in use
 never is.
+
+A version that passed validation but fails on the device (its compile raises, or a step running it
+does) is quarantined: its requests end with AdapterFailedError and later ones are refused at once,
+instead of the failure being retried every step or stopping the engine for every tenant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import re
@@ -29,15 +32,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
-from prefixserve.adapters_store.format import Artifact, decode_artifact
+from prefixserve.adapters_store.format import Artifact, check_finite_in_dtype, decode_artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.adapters_store.store import AdapterStore, StoreEvent
 from prefixserve.config import AdapterLimits
 from prefixserve.engine.host_cache import HostCache
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.request import check_context_room
 from prefixserve.errors import (
     AdapterError,
+    AdapterFailedError,
     EngineOverloadedError,
     InvalidRequestError,
     PrefixServeError,
@@ -84,6 +89,7 @@ class AdapterManager:
         self._waiting: dict[str, list[Request]] = {}  # version -> requests waiting for it
         self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # versions that may have lost their task
         self._subspaces: set[str] = set()  # subspace versions seen here: refused at admission
+        self._quarantined: dict[str, AdapterFailedError] = {}  # version -> why it cannot be served here
         self._loader = ThreadPoolExecutor(num_loaders, thread_name_prefix="prefixserve-adapter-load")
         self._unsubscribe = store.subscribe(self._on_store_event)
         self.cold_loads = 0  # versions fetched from the store for a request
@@ -136,27 +142,46 @@ class AdapterManager:
 
     # ---- engine thread: registration ---------------------------------------------------------
     def register(self, task: str, data: bytes) -> Artifact:
-        """Validate, store, and serve `task` at the new version from the next request on."""
+        """Validate, store, and serve `task` at the new version from the next request on. Everything
+        that can refuse the version (validation, the intrinsic decode, compiling it onto the device)
+        runs before the store is written, so a refused upload leaves no stored version behind."""
         if task == BASE_TASK or not _TASK_NAME.match(task):
             raise InvalidRequestError(f"task names are 1-200 characters of letters, digits and ._:/- (not "
                                       f"{BASE_TASK!r}), found {task!r}")
-        artifact = decode_artifact(data, expected_fingerprint=self.fingerprint, limits=self.limits,
-                                   arch=self.backbone.arch)
+        artifact = self._decode(data)
         if artifact.kind == "intrinsic":
-            self._subspace(artifact)  # refuse an intrinsic vector whose subspace is not in the store
-        elif artifact.kind == "subspace":
-            self._subspaces.add(artifact.version)
-        with self._pointer_lock:
-            self.store.put(task, data, artifact.kind)
-            previous = self._tasks.get(task)
-            self._tasks[task] = artifact.version
-        if previous is not None and previous != artifact.version:
-            self._maybe_free(previous)
+            self._decode_intrinsic(artifact)  # refuse a missing subspace or a soft prompt that overflows
         self.host.put(artifact)
         if artifact.kind != "subspace" and artifact.version not in self._resident:
-            with contextlib.suppress(EngineOverloadedError):  # warm the device now if there is room
-                self._make_resident(artifact.version)
+            self._compile_for_upload(artifact)
+        try:
+            with self._pointer_lock:
+                self.store.put(task, data, artifact.kind)
+                previous = self._tasks.get(task)
+                self._tasks[task] = artifact.version
+        except BaseException:
+            self._maybe_free(artifact.version)  # compiled for nothing: no task points at it
+            raise
+        if artifact.kind == "subspace":
+            self._subspaces.add(artifact.version)
+        if previous is not None and previous != artifact.version:
+            self._maybe_free(previous)
         return artifact
+
+    def _compile_for_upload(self, artifact: Artifact) -> None:
+        """Compile a new version now: it warms the device, and a version the device cannot take is
+        refused here, before it is stored, rather than failing every request later."""
+        try:
+            self._make_resident(artifact.version, artifact)
+        except EngineOverloadedError:
+            return  # no room now: compiled on first use (it fails then only its own requests)
+        except AdapterError:
+            raise
+        except Exception as exc:  # e.g. a value the kernels cannot take: the version's fault, not the engine's
+            log.exception("compiling uploaded version %s failed", artifact.version)
+            raise AdapterError(f"the adapter passed validation but could not be compiled onto the device "
+                               f"({type(exc).__name__}: {exc}); nothing was stored") from None
+        self._quarantined.pop(artifact.version, None)  # the same bytes re-uploaded and compiled fine now
 
     def unregister(self, task: str) -> None:
         with self._pointer_lock:
@@ -189,6 +214,8 @@ class AdapterManager:
         version = request.task_version
         if version is None:
             return True
+        if version in self._quarantined:
+            raise self._quarantined[version]
         handle = self._resident.get(version)
         if handle is not None:
             self._pin(request, handle)
@@ -227,8 +254,15 @@ class AdapterManager:
                 # Every page or slot is held by running requests: wait for one to finish, retry then.
                 self._loading[version], self._waiting[version] = future, requests
                 continue
-            except PrefixServeError as exc:
+            except AdapterFailedError as exc:
+                ready += [(r, self.quarantine(version, exc)) for r in requests]
+                continue
+            except PrefixServeError as exc:  # refused or the store is down: each new request tries again
                 ready += [(r, exc) for r in requests]
+                continue
+            except Exception as exc:  # an unexpected failure of this version alone: the engine goes on
+                log.exception("making version %s resident failed", version)
+                ready += [(r, self.quarantine(version, exc)) for r in requests]
                 continue
             for request in requests:
                 try:
@@ -237,6 +271,18 @@ class AdapterManager:
                 except PrefixServeError as exc:
                     ready.append((request, exc))
         return ready
+
+    def quarantine(self, version: str, cause: Exception) -> AdapterFailedError:
+        """Stop serving `version` on this server (requests of it are refused from now on) and return
+        the error its requests end with. Its device copy goes with its last running request."""
+        error = self._quarantined.get(version)
+        if error is None:
+            error = cause if isinstance(cause, AdapterFailedError) else AdapterFailedError(
+                f"task version {version} cannot be served on this server ({type(cause).__name__}: {cause}); "
+                f"it is quarantined: upload a fixed version or roll back")
+            self._quarantined[version] = error
+        self._maybe_free(version)
+        return error
 
     @property
     def num_loading(self) -> int:
@@ -260,10 +306,9 @@ class AdapterManager:
         return freed
 
     def _pin(self, request: Request, handle: AdapterHandle) -> None:
-        if handle.prefix_len + request.num_prompt_tokens >= self.backbone.max_model_len:
-            raise InvalidRequestError(f"the prompt has {request.num_prompt_tokens} tokens after the task's "
-                                      f"{handle.prefix_len} virtual tokens but the context holds "
-                                      f"{self.backbone.max_model_len} (prompt plus at least one new token)")
+        # Checked again here: admission knew the task's virtual tokens only if the version was resident.
+        check_context_room(request.num_prompt_tokens, handle.prefix_len, request.params.max_new_tokens,
+                           self.backbone.max_model_len)
         handle.num_users += 1
         self.pages.share(handle.prefix_pages)
         self._resident.move_to_end(handle.version)
@@ -294,7 +339,7 @@ class AdapterManager:
 
     def _decode(self, data: bytes) -> Artifact:
         return decode_artifact(data, expected_fingerprint=self.fingerprint, limits=self.limits,
-                               arch=self.backbone.arch)
+                               arch=self.backbone.arch, dtype=self.runner.dtype)
 
     def _subspace(self, intrinsic: Artifact) -> Artifact:
         version = intrinsic.config["subspace_version"]
@@ -345,7 +390,12 @@ class AdapterManager:
                     self.runner.write_prefix(tensors["keys"], tensors["values"], handle.prefix_pages)
                 else:
                     self.runner.prefill_embeddings(embeddings, handle.prefix_pages)
+                if not self.runner.prefix_is_finite(handle.prefix_pages, num_tokens):
+                    raise AdapterError(f"{artifact.kind}: expected the task's {num_tokens} virtual tokens to give "
+                                       f"finite keys and values through the backbone, found NaN/Inf")
             except Exception:
+                # Zeroed before reuse: attention multiplies masked slots by 0, and NaN * 0 is NaN.
+                self.runner.clear_pages(handle.prefix_pages)
                 self.pages.free(handle.prefix_pages)
                 raise
         self._resident[version] = handle
@@ -358,7 +408,10 @@ class AdapterManager:
         if z.shape != (expected,):
             raise AdapterError(f"subspace {subspace.version[:12]} decodes {expected}-dimensional vectors, found z "
                                f"of shape {tuple(z.shape)}")
-        return get_kind("subspace").decode(subspace.tensors, z, subspace.config)  # [P, hidden]
+        embeddings = get_kind("subspace").decode(subspace.tensors, z, subspace.config)  # [P, hidden]
+        check_finite_in_dtype("intrinsic", {f"the soft prompt decoded through subspace {subspace.version[:12]}":
+                                            embeddings}, self.runner.dtype)
+        return embeddings
 
     def _load_lora(self, artifact: Artifact) -> int:
         weights = {}
@@ -379,7 +432,9 @@ class AdapterManager:
 
     def _maybe_free(self, version: str) -> None:
         handle = self._resident.get(version)
-        if handle is None or handle.num_users or version in self._tasks.values():
+        if handle is None or handle.num_users:
+            return
+        if version in self._tasks.values() and version not in self._quarantined:
             return  # still current for some task: it stays as a device cache entry until space is needed
         self._drop(handle)
 
@@ -388,3 +443,4 @@ class AdapterManager:
         self.pages.free(handle.prefix_pages)
         if handle.lora_slot >= 0:
             self.runner.lora_slots.free(handle.lora_slot)
+

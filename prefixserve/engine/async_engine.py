@@ -34,7 +34,13 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
+        """False once the step loop has stopped (crashed or shut down): nothing can be served."""
         return self._thread.is_alive() and self._error is None
+
+    @property
+    def error(self) -> PrefixServeError | None:
+        """Why the loop stopped, if it did."""
+        return self._error
 
     async def generate(
         self,
@@ -124,7 +130,9 @@ class AsyncEngine:
                     continue
                 for output in self.engine.step():
                     self._deliver(output)
-        except Exception as exc:  # the loop must not die silently: fail every waiting request
+        except Exception as exc:
+            # Failures of one request or one task version are contained inside step(); what reaches
+            # here broke the engine itself. Fail every request, and /health turns 503 for a restart.
             log.exception("engine step failed")
             self._fail_all(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
         if self._stopped:
@@ -139,6 +147,10 @@ class AsyncEngine:
                     self.engine.add(item)
                 except PrefixServeError as exc:
                     self._deliver_error(item.request_id, exc)
+                except Exception as exc:  # one request's admission must not stop the loop
+                    log.exception("admitting request %s failed", item.request_id)
+                    self._deliver_error(item.request_id, PrefixServeError(
+                        f"the request could not be admitted ({type(exc).__name__}: {exc})"))
             elif kind == "call":
                 fn, future = item
                 try:

@@ -17,9 +17,10 @@ from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import EngineConfig
 from prefixserve.engine.adapters import AdapterManager
 from prefixserve.engine.detokenizer import IncrementalDetokenizer
+from prefixserve.engine.fault_isolation import execute_by_version
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
-from prefixserve.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from prefixserve.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, check_context_room
 from prefixserve.engine.sampler import Sampler
 from prefixserve.engine.scheduler import Scheduler
 from prefixserve.errors import EngineOverloadedError, InvalidRequestError
@@ -52,6 +53,7 @@ class LLMEngine:
         self.max_model_len = backbone.max_model_len
         num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
         self.pages = KVPageManager(num_pages, page_size)
+        self.pool_tokens = num_pages * page_size  # what one request's own tokens can never outgrow
         self.runner = ModelRunner(backbone, num_pages, page_size, config.max_lora_slots, config.adapters.max_lora_rank)
         self.store = store if store is not None else LocalStore(Path(tempfile.mkdtemp(prefix="prefixserve-adapters-")))
         self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters, self.store,
@@ -106,21 +108,16 @@ class LLMEngine:
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}), found {bad_stop[0]}")
         version = self.adapters.resolve(task)  # pinned now: a later upload does not affect this request
-        self._check_fits(len(ids), self.adapters.prefix_len(version))
-        total = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        # The task's virtual tokens are known here only if its version is resident; pinning checks again.
+        check_context_room(len(ids), self.adapters.prefix_len(version), params.max_new_tokens, self.max_model_len)
+        total = len(ids) + (params.max_new_tokens or 1)  # no limit given: it stops where the pool ends
         if self.pages.pages_for(total) > self.pages.num_pages:
             raise InvalidRequestError(f"the request needs up to {total} tokens of KV cache, more than the whole "
-                                      f"pool ({self.pages.num_pages * self.pages.page_size} tokens)")
+                                      f"pool ({self.pool_tokens} tokens)")
         if not (math.isfinite(tenant_weight) and tenant_weight > 0):
             raise InvalidRequestError(f"expected a positive tenant weight, found {tenant_weight}")
         return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task, task_version=version,
                        tenant_weight=tenant_weight)
-
-    def _check_fits(self, num_prompt_tokens: int, prefix_len: int) -> None:
-        if prefix_len + num_prompt_tokens >= self.max_model_len:
-            task_part = f" after the task's {prefix_len} virtual tokens" if prefix_len else ""
-            raise InvalidRequestError(f"the prompt has {num_prompt_tokens} tokens{task_part} but the context holds "
-                                      f"{self.max_model_len} (prompt plus at least one new token)")
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -177,9 +174,15 @@ class LLMEngine:
             if self.adapters.num_loading:  # only loads are pending: wait for one rather than spin
                 self.adapters.wait_for_load(timeout=0.01)
             return outputs
-        result = self.runner.execute(scheduled)
+        try:
+            result, failed = self.runner.execute(scheduled), {}
+        except Exception:  # one task version's weights must not stop the loop for everyone: find it
+            logger.exception("the step failed; running it again one task version at a time")
+            result, failed = execute_by_version(self.runner, scheduled)  # raises if the engine itself is broken
+            outputs += self._fail_versions(failed)
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
-            request.num_computed_tokens += n
+            if request.task_version not in failed:
+                request.num_computed_tokens += n
         if not result.sampling_requests:
             return outputs
         try:
@@ -205,6 +208,19 @@ class LLMEngine:
                 outputs.append(output)
                 continue
             outputs.append(self._append_token(request, tokens[0], logprobs[0] if logprobs else None))
+        return outputs
+
+    def _fail_versions(self, failed: dict[str, Exception]) -> list[RequestOutput]:
+        """Quarantine each version a step failed for and end every request holding it with that error."""
+        outputs = []
+        for version, exc in failed.items():
+            error = self.adapters.quarantine(version, exc)
+            for request in [r for r in self.requests.values() if r.task_version == version]:
+                self.runner.clear_pages(request.page_ids)  # a half-run forward may have left NaN in them
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                output = self._output(request, [], None)
+                output.error = error
+                outputs.append(output)
         return outputs
 
     def _poll_adapters(self) -> list[RequestOutput]:
@@ -247,7 +263,9 @@ class LLMEngine:
                 detok.text = detok.text[:at]
                 return RequestStatus.FINISHED_STOPPED
         prefix_len = request.adapter.prefix_len if request.adapter is not None else 0
-        if request.num_output_tokens >= params.max_new_tokens or prefix_len + request.num_tokens >= self.max_model_len:
+        # Without a limit of its own a request may not outgrow the KV pool (it could never be scheduled).
+        max_new_tokens = params.max_new_tokens or self.pool_tokens - request.num_prompt_tokens
+        if request.num_output_tokens >= max_new_tokens or prefix_len + request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

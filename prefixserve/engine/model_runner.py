@@ -80,6 +80,18 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=device)
         self.backbone.model(embeddings.to(device=device, dtype=self.dtype), positions, meta, self.kv_cache)
 
+    @torch.inference_mode()
+    def prefix_is_finite(self, page_ids: list[int], num_tokens: int) -> bool:
+        """Whether the first num_tokens slots of page_ids hold finite keys and values (a compiled prefix)."""
+        pages = torch.tensor(page_ids, dtype=torch.long, device=self.device)
+        kv = self.kv_cache[:, :, pages].flatten(2, 3)[:, :, :num_tokens]  # [num_layers, 2, num_tokens, Hkv, D]
+        return bool(torch.isfinite(kv).all())
+
+    @torch.inference_mode()
+    def clear_pages(self, page_ids: list[int]) -> None:
+        pages = torch.tensor(page_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_fill_(2, pages, 0)
+
     def _slots(self, page_ids: list[int], start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end)
         pages = torch.tensor(page_ids, dtype=torch.long)

@@ -44,7 +44,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = 16  # None: until the context (or the KV pool) ends, as OpenAI's null
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
@@ -56,8 +56,8 @@ class SamplingParams:
     logprobs: bool = False  # report the log-probability of each chosen token
 
     def __post_init__(self):
-        expect(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, InvalidRequestError,
-               f"max_new_tokens must be a positive integer, found {self.max_new_tokens!r}")
+        expect(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0),
+               InvalidRequestError, f"max_new_tokens must be a positive integer, found {self.max_new_tokens!r}")
         expect(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                and self.temperature >= 0, InvalidRequestError,
                f"temperature must be a finite number >= 0, found {self.temperature!r}")
@@ -72,13 +72,30 @@ class SamplingParams:
         expect(len(self.stop) <= 16, InvalidRequestError, f"at most 16 stop strings, found {len(self.stop)}")
         expect(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), InvalidRequestError,
                f"stop_token_ids must be non-negative integers, found {self.stop_token_ids!r}")
-        expect(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_new_tokens, InvalidRequestError,
+        expect(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_new_tokens or self.min_tokens),
+               InvalidRequestError,
                f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], found {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
         # Below ~1e-5, logits / temperature overflows fp32 and sampling is argmax anyway (as in vLLM).
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+
+
+def check_context_room(num_prompt_tokens: int, prefix_len: int, max_new_tokens: int | None, max_model_len: int) -> None:
+    """The prompt after the task's virtual tokens must leave room for one new token, and for all the
+    new tokens asked for (None: as many as fit). Refused with both numbers rather than clamped, as vLLM."""
+    task_part = f" after the task's {prefix_len} virtual tokens" if prefix_len else ""
+    room = max_model_len - prefix_len - num_prompt_tokens
+    if room < 1:
+        raise InvalidRequestError(f"the prompt has {num_prompt_tokens} tokens{task_part} but the context holds "
+                                  f"{max_model_len} (prompt plus at least one new token)")
+    if max_new_tokens is not None and max_new_tokens > room:
+        task_term = f" - {prefix_len}" if prefix_len else ""
+        raise InvalidRequestError(f"max_new_tokens (max_tokens in the OpenAI API) is too large: {max_new_tokens}. "
+                                  f"The context holds {max_model_len} tokens and the request has {num_prompt_tokens} "
+                                  f"prompt tokens{task_part}, leaving room for at most {room} new tokens "
+                                  f"({max_new_tokens} > {max_model_len} - {num_prompt_tokens}{task_term})")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -20,6 +20,7 @@ from prefixserve.server.auth import Authenticator, Caller
 from prefixserve.server.auth import caller as auth_caller
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.deadline import with_deadline
+from prefixserve.server.disconnect import with_cancellation
 from prefixserve.server.errors import error_response, install_error_handlers
 from prefixserve.server.metrics import ServerMetrics
 from prefixserve.server.openai_routes import openai_router
@@ -69,8 +70,13 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", responses=error_responses(503))
+    async def health():
+        """Liveness: 503 once the engine loop has died, so an orchestrator restarts the process. A
+        failing task version or request never gets here (it is contained); a store outage is /ready's."""
+        if not engine.is_alive:
+            reason = engine.error.message if engine.error is not None else "the engine loop is not running"
+            return error_response(503, "engine_dead", reason)
         return {"status": "ok"}
 
     @app.get("/ready", responses=error_responses(503))
@@ -85,7 +91,8 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses={
         **event_stream_response(GenerateChunk), **error_responses(400, 401, 403, 404, 429, 503, 504)})
-    async def generate(body: GenerateRequest, caller: Caller = Depends(auth_caller)):
+    @with_cancellation
+    async def generate(body: GenerateRequest, raw_request: Request, caller: Caller = Depends(auth_caller)):
         task = body.task or BASE_TASK
         params = _sampling_params(body)
         prompt, prompt_ids = body.prompt, None

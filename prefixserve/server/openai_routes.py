@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -21,6 +21,7 @@ from prefixserve.errors import PrefixServeError
 from prefixserve.server import auth
 from prefixserve.server.auth import Caller
 from prefixserve.server.chat import chat_prompt_ids
+from prefixserve.server.disconnect import with_cancellation
 from prefixserve.server.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -68,15 +69,13 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
 
     @router.post("/v1/completions", response_model=CompletionResponse,
                  responses={**event_stream_response(CompletionResponse), **generation_errors})
-    async def completions(body: CompletionRequest, caller: Caller = Depends(auth.caller)):
+    @with_cancellation
+    async def completions(body: CompletionRequest, raw_request: Request, caller: Caller = Depends(auth.caller)):
         model, request_id, created = body.model or BASE_TASK, f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt, prompt_ids = (body.prompt, None) if isinstance(body.prompt, str) else (None, body.prompt)
-        max_new_tokens = body.max_tokens
-        if max_new_tokens is None:
-            if prompt_ids is None and backbone.tokenizer is not None:
-                prompt, prompt_ids = None, backbone.tokenizer(prompt).input_ids  # as make_request would
-            max_new_tokens = _until_context_end(sync, len(prompt_ids or ()))
-        params = _sampling_params(body, max_new_tokens, logprobs=body.logprobs is not None)
+        # max_tokens null: until the context ends (the engine knows the task's virtual tokens); a number
+        # the context cannot hold is a 400 from the engine, as in vLLM, never silently clamped.
+        params = _sampling_params(body, body.max_tokens, logprobs=body.logprobs is not None)
         outputs = serve(caller, model, prompt, params, prompt_ids, request_id)
 
         def completion(out: RequestOutput, text: str, offset: int) -> CompletionResponse:
@@ -105,15 +104,15 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
                  responses={**event_stream_response(ChatCompletionChunk), **generation_errors})
-    async def chat_completions(body: ChatCompletionRequest, caller: Caller = Depends(auth.caller)):
-
+    @with_cancellation
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request,
+                               caller: Caller = Depends(auth.caller)):
         model, request_id, created = body.model or BASE_TASK, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                     for m in body.messages]
         prompt_ids = chat_prompt_ids(backbone.tokenizer, messages)
-        max_new_tokens = body.max_new_tokens or _until_context_end(sync, len(prompt_ids))
-        params = _sampling_params(body, max_new_tokens, logprobs=bool(body.logprobs))
+        params = _sampling_params(body, body.max_new_tokens, logprobs=bool(body.logprobs))
         outputs = serve(caller, model, None, params, prompt_ids, request_id)
 
         def logprobs_of(out: RequestOutput) -> ChatLogprobs | None:
@@ -145,7 +144,7 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
     return router
 
 
-def _sampling_params(body: SamplingFields, max_new_tokens: int, logprobs: bool) -> SamplingParams:
+def _sampling_params(body: SamplingFields, max_new_tokens: int | None, logprobs: bool) -> SamplingParams:
     """OpenAI's defaults for what the client left out or sent as null; SamplingParams checks the ranges."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     return SamplingParams(
@@ -155,13 +154,6 @@ def _sampling_params(body: SamplingFields, max_new_tokens: int, logprobs: bool) 
         top_k=body.top_k or 0, seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=bool(body.ignore_eos), min_tokens=body.min_tokens or 0, logprobs=logprobs,
     )
-
-
-def _until_context_end(sync, num_prompt_tokens: int) -> int:
-    """vLLM's default when max_tokens is absent: whatever the context has left. Capped by the KV pool,
-    which the engine refuses to exceed; an over-long prompt still gets 1 so the engine reports it."""
-    room = min(sync.max_model_len, sync.pages.num_pages * sync.pages.page_size)
-    return max(1, room - num_prompt_tokens)
 
 
 async def _collect(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -54,8 +54,11 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
         data = await _read_bounded(file, limits.max_artifact_bytes)
         if not _is_safetensors(data):  # a PEFT adapter archive: convert it (CPU work, off the event loop)
             data = await asyncio.to_thread(import_peft, data, arch=sync.backbone.arch,
-                                           fingerprint=sync.adapters.fingerprint, limits=limits)
+                                           fingerprint=sync.adapters.fingerprint, limits=limits,
+                                           dtype=sync.runner.dtype)
         await asyncio.to_thread(check_store_quota, caller, sync.store, engine_task, len(data))
+        # Validated in full (every derived value, in the engine's dtype) and compiled before it is stored:
+        # a refused version is never left as the task's current one.
         artifact = await engine.register_adapter(engine_task, data)
         return TaskVersion(task=task, kind=artifact.kind, version=artifact.version, num_bytes=artifact.num_bytes)
 

@@ -118,5 +118,8 @@ def test_request_larger_than_pool_is_refused(make_tiny_engine):
 
 def test_generation_stops_at_context_length(make_tiny_engine):
     engine = make_tiny_engine()
-    out = engine.generate([[5] * 250], SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True))[0]
+    out = engine.generate([[5] * 250], SamplingParams(max_new_tokens=None, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+    # Asking for more than the context leaves is refused with both numbers, not silently clamped (as vLLM).
+    with pytest.raises(InvalidRequestError, match=r"too large: 100\. .* at most 6 new tokens \(100 > 256 - 250\)"):
+        engine.generate([[5] * 250], SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True))

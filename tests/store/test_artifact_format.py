@@ -256,3 +256,54 @@ def test_get_kind_lists_known_kinds():
     assert get_kind("lora") is KINDS["lora"]
     with pytest.raises(AdapterError, match=r"among \['intrinsic', 'lora', 'prefix', 'prompt', 'subspace'\]"):
         get_kind("LoRA")
+
+
+def _valid_with(kind, config_changes=None, tensor_changes=None, dtype=torch.float32):
+    """(kind, config, tensors) of a valid artifact with some config values or tensors replaced."""
+    config, tensors = valid_parts(kind, dtype=dtype)
+    return kind, config | (config_changes or {}), tensors | (tensor_changes or {})
+
+
+def _overflowing_source_vectors():
+    config, tensors = valid_parts("subspace")
+    hidden_dec, d = tensors["decoder.0.weight"].shape
+    # tanh(1) * 1e38 summed over the hidden units overflows float32, whatever z is
+    tensors |= {"decoder.0.weight": torch.zeros(hidden_dec, d), "decoder.0.bias": torch.ones(hidden_dec),
+                "decoder.2.weight": torch.full_like(tensors["decoder.2.weight"], 1e38),
+                "source_vectors": torch.ones(2, d)}
+    return "subspace", config, tensors
+
+
+# Finite as stored, not finite once the engine computes with it (the issue's lora_alpha 1e308, and kin).
+OVERFLOWING = {
+    "lora_alpha": (_valid_with("lora", {"alpha": 1e308}), torch.float32,
+                   r"lora: expected scaling \(alpha 1e\+308 / rank 4\) to be finite in float32 .*found 2\.5e\+307, "
+                   r"which overflows"),
+    "rslora_alpha": (_valid_with("lora", {"alpha": 1e300, "use_rslora": True}), torch.float32,
+                     r"scaling \(alpha 1e\+300 / sqrt\(rank 4\)\) to be finite in float32 .*found 5e\+299"),
+    "lora_in_float16": (_valid_with("lora", {"alpha": 1e6}), torch.float16,
+                        r"scaling .* finite in float16 .*found 250000"),
+    "prompt_in_float16": (_valid_with("prompt", tensor_changes={"embeddings": torch.full((4, 64), 1e5)}), torch.float16,
+                          r"prompt: expected embeddings to be finite in float16 .*found 256 of its 256 values "
+                          r"overflow \(largest magnitude 100000\)"),
+    "prefix_in_bfloat16": (_valid_with("prefix", tensor_changes={"keys": torch.full((L, P, Hkv, D), 3.4e38)}),
+                           torch.bfloat16, r"prefix: expected keys to be finite in bfloat16"),
+    "subspace_source_vectors": (_overflowing_source_vectors(), torch.float32,
+                                r"subspace: expected the soft prompt decoded from source_vectors\[0\] to be finite "
+                                r"in float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERFLOWING))
+def test_values_that_overflow_in_the_engines_dtype_are_refused(case, fingerprint):
+    (kind, config, tensors), dtype, message = OVERFLOWING[case]
+    data = encode_artifact(kind, config, tensors, fingerprint)
+    with pytest.raises(AdapterError, match=message):
+        decode_artifact(data, expected_fingerprint=fingerprint, limits=LIMITS, arch=TINY_ARCH, dtype=dtype)
+
+
+def test_values_that_fit_the_engines_dtype_are_accepted(fingerprint):
+    data = encode_artifact(*_valid_with("prompt", tensor_changes={"embeddings": torch.full((4, 64), 1e5)}), fingerprint)
+    assert decode(data, fingerprint).kind == "prompt"  # 1e5 is an ordinary float32
+    artifact = decode(encode_artifact(*_valid_with("lora", {"alpha": 1e30}), fingerprint), fingerprint)
+    assert get_kind("lora").scaling(artifact.config) == 2.5e29

@@ -208,6 +208,10 @@ REFUSED = {
     "ia3": (_saved(IA3Config(task_type=CAUSAL_LM)), LIMITS,
             r"type \['LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING'\], found 'IA3'"),
     "nan": (_with_nan, LIMITS, r"finite values in tensor 'layers.0.k_proj.lora_a', found 1 NaN/Inf"),
+    # finite in float64 (where JSON and Python hold it), but alpha / r overflows the engine's float32
+    "lora_alpha_overflows": (_edited(_lora(), lora_alpha=1e308), LIMITS,
+                             r"scaling \(alpha 1e\+308 / rank 4\) to be finite in float32 .*found 2\.5e\+307, "
+                             r"which overflows"),
     "rank_over_limit": (_saved(_lora()), AdapterLimits(max_lora_rank=2), r"rank 1..2, found 4"),
     "too_many_virtual_tokens": (_saved(SOFT_PROMPTS["ptuning_mlp"]), AdapterLimits(max_virtual_tokens=5),
                                 r"num_virtual_tokens 1..5, found 6"),
