@@ -111,14 +111,15 @@ def load_adapters(engine, specs: list[str]) -> None:
 
 def authenticator(args: argparse.Namespace):
     """API keys are on when a tenants file, Redis tenants or an admin key is configured; an admin
-    key alone keeps tenants in the Redis of --redis-url, else in the default tenants file."""
+    key alone keeps tenants in the Redis of --redis-url, else in the default tenants file. A metrics
+    key guards /metrics only, with or without them."""
     from pathlib import Path
 
     from prefixserve.server.auth import Authenticator
 
-    tenants_file, admin_key = args.tenants_file, args.admin_key
+    tenants_file, admin_key, metrics_key = args.tenants_file, args.admin_key, args.metrics_key or None
     if not (tenants_file or args.tenants_redis or admin_key):
-        return Authenticator()
+        return Authenticator(metrics_key=metrics_key)
     if args.tenants_redis or (admin_key and not tenants_file and args.redis_url):
         if not args.redis_url:
             from prefixserve.errors import ConfigError
@@ -131,7 +132,7 @@ def authenticator(args: argparse.Namespace):
         from prefixserve.server.tenants import FileTenantRegistry
 
         registry = FileTenantRegistry(Path(tenants_file or DEFAULT_TENANTS_FILE).expanduser())
-    return Authenticator(registry, admin_key or None)
+    return Authenticator(registry, admin_key or None, metrics_key)
 
 
 def check_exposure(host: str, auth_enabled: bool) -> None:
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-key", default=env("PREFIXSERVE_ADMIN_KEY", None, "the admin API key; turns API keys "
                                                   "on (--admin-key)"),
                        help="the key of the admin API (/v1/admin: tenants, limits, keys); turns API keys on")
+    serve.add_argument("--metrics-key", default=env("PREFIXSERVE_METRICS_KEY", None, "a key that reads /metrics "
+                                                    "and nothing else (--metrics-key)"),
+                       help="a key for the Prometheus scraper: reads /metrics and nothing else (the admin key "
+                            "reads it too); does not turn API keys on by itself")
     serve.add_argument("--tenants-file", default=env("PREFIXSERVE_TENANTS_FILE", None, "JSON tenant registry; turns "
                                                      "API keys on (--tenants-file)"),
                        help=f"tenants, limits and key digests in a JSON file (default with --admin-key: "

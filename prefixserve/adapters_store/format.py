@@ -111,6 +111,8 @@ def read_safetensors_header(data: bytes) -> tuple[dict[str, str], dict[str, dict
         header = json.loads(data[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"expected a JSON safetensors header, found invalid JSON ({e})") from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise AdapterError("expected a JSON safetensors header, found JSON nested too deeply to parse") from None
     if not isinstance(header, dict):
         raise AdapterError(f"expected the safetensors header to be a JSON object, found {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -183,7 +185,7 @@ def _parse_json_object(metadata: dict[str, str], field: str) -> dict:
         raise AdapterError(f"expected artifact metadata {field!r}, found keys {sorted(metadata)}")
     try:
         value = json.loads(metadata[field], parse_constant=_refuse_constant)
-    except (json.JSONDecodeError, ValueError) as e:
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise AdapterError(f"expected artifact metadata {field!r} to be JSON, found invalid JSON ({e})") from None
     if not isinstance(value, dict):
         raise AdapterError(f"expected artifact metadata {field!r} to be a JSON object, found {type(value).__name__}")

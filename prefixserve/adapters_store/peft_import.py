@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from zlib import error as zlib_error
 
 import torch
@@ -50,6 +50,7 @@ MAX_ARCHIVE_ENTRIES = 256  # a PEFT adapter is a handful of files; beyond this i
 # Listing a tar.gz decompresses every member it skips, so the declared sizes of all members are
 # bounded too (the adapter's files plus a README and the like), not only the two we read.
 ARCHIVE_SLACK_FACTOR = 2
+_Entry = TypeVar("_Entry")
 # What a damaged, encrypted or exotic archive raises while being listed or read (never an AdapterError).
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib_error, EOFError, OSError, RuntimeError,
                    NotImplementedError)
@@ -65,6 +66,9 @@ def import_peft(source: Path | bytes, *, arch: LlamaArch, fingerprint: dict, lim
         peft_config = json.loads(config_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"expected {CONFIG_NAME} to be JSON, found invalid JSON ({e})") from None
+    except RecursionError:  # e.g. 100,000 nested arrays: json.loads recurses once per level
+        raise AdapterError(f"expected {CONFIG_NAME} to be a flat JSON object, found JSON nested too deeply "
+                           f"to parse") from None
     if not isinstance(peft_config, dict):
         raise AdapterError(f"expected {CONFIG_NAME} to be a JSON object, found {type(peft_config).__name__}")
     _, entries = read_safetensors_header(weights_bytes)
@@ -232,7 +236,7 @@ def _read_archive(f: BinaryIO, limits: AdapterLimits) -> tuple[bytes, bytes]:
 
 
 def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
-    for info in archive:  # lazily, so _bounded stops reading a huge archive early
+    for info in _capped(archive):  # lazily, so a huge archive is refused after MAX_ARCHIVE_ENTRIES headers
         if info.isdir():
             continue
         _check_member_name(info.name)
@@ -243,7 +247,7 @@ def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
 
 
 def _zip_members(infos: list[zipfile.ZipInfo], archive: zipfile.ZipFile) -> Iterator[_Member]:
-    for info in infos:
+    for info in _capped(infos):
         if info.is_dir():
             continue
         _check_member_name(info.filename)
@@ -254,14 +258,23 @@ def _zip_members(infos: list[zipfile.ZipInfo], archive: zipfile.ZipFile) -> Iter
         yield _Member(info.filename, info.file_size, lambda n, info=info: archive.open(info).read(n))
 
 
+def _capped(entries: Iterable[_Entry]) -> Iterator[_Entry]:
+    """Every entry counts against the cap: folders, links and anything else cost a header read (and,
+    in a .tar.gz, decompression) just as files do, so skipping them uncounted would let an archive of
+    200,000 empty folders through."""
+    for count, entry in enumerate(entries, start=1):
+        if count > MAX_ARCHIVE_ENTRIES:
+            raise AdapterError(f"expected an archive of at most {MAX_ARCHIVE_ENTRIES} entries (files, folders and "
+                               f"links together), found more")
+        yield entry
+
+
 def _bounded(members: Iterable[_Member], limits: AdapterLimits) -> list[_Member]:
     taken, total = [], 0
     max_total = ARCHIVE_SLACK_FACTOR * limits.max_artifact_bytes
     for member in members:
         taken.append(member)
         total += member.size
-        if len(taken) > MAX_ARCHIVE_ENTRIES:
-            raise AdapterError(f"expected an archive of at most {MAX_ARCHIVE_ENTRIES} files, found more")
         if total > max_total:
             raise AdapterError(f"expected an archive of at most {max_total} bytes uncompressed, found more")
     return taken

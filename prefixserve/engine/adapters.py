@@ -123,6 +123,11 @@ class AdapterManager:
     def tasks(self) -> dict[str, str]:
         return dict(self._tasks)
 
+    def knows(self, task: str) -> bool:
+        """Whether `task` has a current version here: registered, or resolved by a request, and not
+        deleted since (a deletion on any replica reaches this one through the store's events)."""
+        return task in self._tasks
+
     def _on_store_event(self, event: StoreEvent) -> None:
         # Runs on the store's thread. Re-read the pointer rather than trusting the event's version:
         # events of rapid uploads may arrive after a later one was read, and the store is the truth.

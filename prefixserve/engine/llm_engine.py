@@ -20,7 +20,14 @@ from prefixserve.engine.detokenizer import IncrementalDetokenizer
 from prefixserve.engine.fault_isolation import execute_by_version
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
-from prefixserve.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, check_context_room
+from prefixserve.engine.request import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    check_context_room,
+    check_unicode_text,
+)
 from prefixserve.engine.sampler import Sampler
 from prefixserve.engine.scheduler import Scheduler
 from prefixserve.errors import EngineOverloadedError, InvalidRequestError
@@ -96,6 +103,7 @@ class LLMEngine:
         if prompt is not None:
             if tokenizer is None:
                 raise InvalidRequestError("this backbone has no tokenizer; send prompt_token_ids instead of text")
+            check_unicode_text(prompt, "the prompt")
             prompt_token_ids = tokenizer(prompt).input_ids
         ids = list(prompt_token_ids)
         vocab = self.backbone.arch.vocab_size

@@ -40,6 +40,21 @@ class RequestStatus(enum.IntEnum):
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_STOP_STRINGS = 16
+# Neither OpenAI nor vLLM documents a length limit for a stop string; ours bounds the text a stream
+# holds back and the per-token matching work. A stop phrase longer than this is a prompt, not a stop.
+MAX_STOP_CHARS = 512
+
+
+def check_unicode_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode: a JSON body may escape half of a UTF-16 surrogate pair
+    ("\\ud800"), which Python keeps as a lone surrogate that no tokenizer or encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"expected {what} to be Unicode text, found a lone surrogate "
+                                  f"U+{ord(text[e.start]):04X} at character {e.start} (half of a UTF-16 pair; "
+                                  f"send the whole pair or the character itself)") from None
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,14 @@ class SamplingParams:
         expect(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), InvalidRequestError,
                f"seed must be an integer in [0, 2**63), found {self.seed!r}")
         expect(all(isinstance(s, str) and s for s in self.stop), InvalidRequestError,
-               f"stop must be non-empty strings, found {self.stop!r}")
-        expect(len(self.stop) <= 16, InvalidRequestError, f"at most 16 stop strings, found {len(self.stop)}")
+               f"stop must be non-empty strings, found {self.stop!r:.200}")
+        expect(len(self.stop) <= MAX_STOP_STRINGS, InvalidRequestError,
+               f"at most {MAX_STOP_STRINGS} stop strings, found {len(self.stop)}")
+        for i, stop in enumerate(self.stop):
+            expect(len(stop) <= MAX_STOP_CHARS, InvalidRequestError,
+                   f"expected stop strings of at most {MAX_STOP_CHARS} characters, found one of {len(stop)} "
+                   f"(stop[{i}])")
+            check_unicode_text(stop, f"stop[{i}]")
         expect(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), InvalidRequestError,
                f"stop_token_ids must be non-negative integers, found {self.stop_token_ids!r}")
         expect(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_new_tokens or self.min_tokens),

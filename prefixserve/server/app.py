@@ -16,7 +16,7 @@ from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.errors import PrefixServeError
 from prefixserve.server.admin_routes import admin_router
-from prefixserve.server.auth import Authenticator, Caller
+from prefixserve.server.auth import Authenticator, Caller, metrics_reader
 from prefixserve.server.auth import caller as auth_caller
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.deadline import with_deadline
@@ -58,16 +58,20 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
         engine_task = tenant_task(caller.tenant, task, backbone.name)
         outputs = engine.generate(prompt, params, prompt_ids, request_id, tenant=caller.tenant, task=engine_task,
                                   tenant_weight=caller.weight)
-        return metrics.track(with_deadline(quotas.guard(caller, outputs), request_timeout_s), caller.tenant, task)
+        return metrics.track(with_deadline(quotas.guard(caller, outputs), request_timeout_s), caller.tenant,
+                             engine_task)
 
     app.include_router(openai_router(
         engine, serve, list_tasks=lambda caller: tenant_tasks(caller.tenant, store.list_tasks(f"{caller.tenant}/"))))
     app.include_router(tasks_router(engine))
     app.include_router(admin_router(auth))
-    app.include_router(training_router(job_queue, backbone.name))
+    app.include_router(training_router(job_queue, backbone.name, store))
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401, 403),
+             dependencies=[Depends(metrics_reader)])
     async def prometheus_metrics() -> Response:
+        """Prometheus text. With API keys on, only the admin key or the metrics key reads it (it
+        names every tenant's tasks); open when the server runs without keys (loopback only)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", responses=error_responses(503))

@@ -2,7 +2,8 @@
 
 Authentication is on when a tenant registry or an admin key is configured. Without either (the
 embedded default) the server only listens on loopback (the CLI refuses anything else) and every
-caller is tenant `default`."""
+caller is tenant `default`. /metrics takes the admin key or a metrics key (a scraper's, good for
+nothing else); it is open only while neither API keys nor a metrics key are configured."""
 
 from __future__ import annotations
 
@@ -32,10 +33,13 @@ ADMIN = Caller("", is_admin=True)
 
 
 class Authenticator:
-    def __init__(self, registry: TenantRegistry | None = None, admin_key: str | None = None):
+    def __init__(self, registry: TenantRegistry | None = None, admin_key: str | None = None,
+                 metrics_key: str | None = None):
+        """`metrics_key` reads /metrics and nothing else; it does not turn API keys on by itself."""
         self.registry = registry
-        # Kept as a digest and compared digest to digest in constant time.
+        # Kept as digests and compared digest to digest in constant time.
         self._admin_digest = key_digest(admin_key) if admin_key else None
+        self._metrics_digest = key_digest(metrics_key) if metrics_key else None
 
     @property
     def enabled(self) -> bool:
@@ -46,18 +50,40 @@ class Authenticator:
         The message is the same for every unknown key (it never says what exists)."""
         if not self.enabled:
             return ANONYMOUS
-        scheme, _, key = (authorization or "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key or len(key) > MAX_KEY_CHARS:
-            raise UnauthorizedError("expected an 'Authorization: Bearer <API key>' header, found "
-                                    + ("none" if not authorization else "another form"))
-        digest = key_digest(key)
+        return self._caller_for(_bearer_digest(authorization))
+
+    @property
+    def guards_metrics(self) -> bool:
+        return self.enabled or self._metrics_digest is not None
+
+    def authorize_metrics(self, authorization: str | None) -> None:
+        """/metrics names every tenant's tasks: only the metrics key or the admin key may read it
+        (ForbiddenError for a tenant's key, UnauthorizedError for a missing or unknown one)."""
+        if not self.guards_metrics:
+            return
+        digest = _bearer_digest(authorization)
+        if self._metrics_digest is not None and hmac.compare_digest(digest, self._metrics_digest):
+            return
+        if not self._caller_for(digest).is_admin:
+            raise ForbiddenError("expected the admin key or the metrics key (--metrics-key) for /metrics, found "
+                                 "a tenant's key")
+
+    def _caller_for(self, digest: str) -> Caller:
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return ADMIN
         tenant = self.registry.tenant_for_digest(digest) if self.registry is not None else None
         if tenant is None:
             raise UnauthorizedError("the API key is not valid")
         return Caller(tenant.name, tenant.weight, tenant.limits)
+
+
+def _bearer_digest(authorization: str | None) -> str:
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > MAX_KEY_CHARS:
+        raise UnauthorizedError("expected an 'Authorization: Bearer <API key>' header, found "
+                                + ("none" if not authorization else "another form"))
+    return key_digest(key)
 
 
 async def caller(request: Request) -> Caller:
@@ -78,6 +104,13 @@ async def admin(request: Request) -> Caller:
     if not found.is_admin:
         raise ForbiddenError("expected the admin key for /v1/admin, found a tenant's key")
     return found
+
+
+async def metrics_reader(request: Request) -> None:
+    """FastAPI dependency for /metrics: the metrics or admin key; open while no key is configured."""
+    auth: Authenticator = request.app.state.auth
+    if auth.guards_metrics:
+        await asyncio.to_thread(auth.authorize_metrics, request.headers.get("authorization"))
 
 
 async def _authenticate(request: Request) -> Caller:

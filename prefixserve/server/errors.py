@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown routes, wrong methods, bodies the framework cannot parse: the same error shape."""
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return error_response(exc.status_code, kind, str(exc.detail), exc.headers)
+        return error_response(exc.status_code, kind, _unparsable_body(exc) or str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -53,6 +54,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """FastAPI answers a body that json.loads raised on with a bare "error parsing the body"; say why."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, RecursionError):
+        return (f"body: expected JSON nested at most about {sys.getrecursionlimit()} levels deep, found deeper "
+                f"nesting ({cause})")
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: expected UTF-8 JSON, found invalid UTF-8 ({cause})"
+    return None
 
 
 def _problem(error: dict) -> str:

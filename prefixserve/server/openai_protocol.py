@@ -3,19 +3,20 @@ with the vLLM extensions benchmark tools send. Pydantic only: imports nothing he
 
 Unknown request fields are accepted and ignored, because OpenAI clients add fields over time. Known
 fields whose silent omission would change the answer (n > 1, echo, best_of, penalties, logit_bias,
-top alternatives) are refused with a 400 that says what we support."""
+top alternatives, structured outputs, tools) are refused with a 400 that says what we support.
+Numbers and booleans are strict ("5" for max_tokens is a 400; a float field still takes 0 or 1)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from prefixserve.server.protocol import NON_NEGATIVE, SEED, STOP, STOP_TOKEN_IDS, TOP_P, accepts
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -24,22 +25,24 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # the task id; None / "base" / the backbone's name: the plain backbone
-    temperature: float | None = Field(None, json_schema_extra=NON_NEGATIVE)  # None: 1.0, OpenAI's default
-    top_p: float | None = Field(None, json_schema_extra=TOP_P)
-    n: int | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
+    temperature: StrictFloat | None = Field(None, json_schema_extra=NON_NEGATIVE)  # None: 1.0, OpenAI's default
+    top_p: StrictFloat | None = Field(None, json_schema_extra=TOP_P)
+    n: StrictInt | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
     stop: str | list[str] | None = Field(None, json_schema_extra=STOP)
-    seed: int | None = Field(None, json_schema_extra=SEED)
-    stream: bool | None = False
+    seed: StrictInt | None = Field(None, json_schema_extra=SEED)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; tenants come from the API key, not from here
-    presence_penalty: float | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
-    frequency_penalty: float | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
+    presence_penalty: StrictFloat | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
+    frequency_penalty: StrictFloat | None = Field(None, json_schema_extra=accepts(number={"const": 0}))
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra=accepts(object={"maxProperties": 0}))
     # vLLM extensions (sent by benchmark tools such as vllm bench / genai-perf)
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
+    top_k: StrictInt | None = Field(None, ge=-1)
+    min_tokens: StrictInt | None = Field(None, ge=0)
+    ignore_eos: StrictBool | None = False
+    stop_token_ids: list[StrictInt] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
+    response_format: dict[str, object] | None = Field(None, json_schema_extra=accepts(
+        object={"properties": {"type": {"const": "text"}}, "required": ["type"]}))
 
     @field_validator("n")
     @classmethod
@@ -62,6 +65,14 @@ class SamplingFields(BaseModel):
             raise ValueError(f"logit_bias is not supported; expected {{}} or null, found {len(bias)} entries")
         return bias
 
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format):
+        if response_format is not None and response_format.get("type") != "text":
+            raise ValueError(f"structured outputs are not supported yet; expected response_format "
+                             f"{{\"type\": \"text\"}} or null, found type {response_format.get('type')!r:.80}")
+        return response_format
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -69,12 +80,12 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     # text or token ids; a list of one string is unwrapped below
-    prompt: str | list[int] = Field(json_schema_extra=accepts(
+    prompt: str | list[StrictInt] = Field(json_schema_extra=accepts(
         string={"minLength": 1}, array={"minItems": 1, "items": {"type": "integer", "minimum": 0}}))
-    max_tokens: int | None = Field(16, ge=1)  # null: until the context ends or EOS (as vLLM)
-    logprobs: int | None = Field(None, ge=0)  # any value: the chosen tokens' logprobs (no alternatives)
-    echo: bool | None = Field(False, json_schema_extra=accepts(boolean={"const": False}))
-    best_of: int | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
+    max_tokens: StrictInt | None = Field(16, ge=1)  # null: until the context ends or EOS (as vLLM)
+    logprobs: StrictInt | None = Field(None, ge=0)  # any value: the chosen tokens' logprobs (no alternatives)
+    echo: StrictBool | None = Field(False, json_schema_extra=accepts(boolean={"const": False}))
+    best_of: StrictInt | None = Field(None, json_schema_extra=accepts(integer={"const": 1}))
     suffix: str | None = Field(None, json_schema_extra=accepts(string={"maxLength": 0}))
 
     @field_validator("prompt", mode="before")
@@ -138,10 +149,19 @@ class OpenAIChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[OpenAIChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # null: until the context ends or EOS
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, json_schema_extra=accepts(integer={"const": 0}))
+    max_tokens: StrictInt | None = Field(None, ge=1)  # null: until the context ends or EOS
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, json_schema_extra=accepts(integer={"const": 0}))
+    tools: list[dict[str, object]] | None = Field(None, json_schema_extra=accepts(array={"maxItems": 0}))
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools):
+        if tools:
+            raise ValueError(f"tools are not supported (no function calling here); expected [] or null, "
+                             f"found {len(tools)} tools")
+        return tools
 
     @field_validator("top_logprobs")
     @classmethod

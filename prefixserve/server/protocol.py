@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 
 def accepts(**keywords_by_type: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
@@ -23,7 +23,8 @@ NON_NEGATIVE = accepts(number={"minimum": 0}, integer={"minimum": 0})
 TOP_P = accepts(number={"exclusiveMinimum": 0, "maximum": 1})
 TOP_K = accepts(integer={"minimum": -1})
 SEED = accepts(integer={"minimum": 0, "maximum": 2**63 - 1})
-STOP = accepts(string={"minLength": 1}, array={"items": {"type": "string", "minLength": 1}, "maxItems": 16})
+_STOP_STRING = {"minLength": 1, "maxLength": 512}  # SamplingParams' MAX_STOP_CHARS (the engine is not imported here)
+STOP = accepts(string=_STOP_STRING, array={"items": {"type": "string", **_STOP_STRING}, "maxItems": 16})
 STOP_TOKEN_IDS = accepts(array={"items": {"type": "integer", "minimum": 0}})
 
 
@@ -33,22 +34,24 @@ class ChatMessage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    # Numbers and booleans are strict: "5" or 1.0 for max_new_tokens, or 1 for a flag, is a 400 rather than
+    # a guess (a float field still takes a JSON integer such as 0 or 1).
     model_config = ConfigDict(extra="forbid")
 
     task: str | None = None  # None / "base": the plain backbone (adapters arrive with the tasks API)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    max_new_tokens: int = Field(16, json_schema_extra=accepts(integer={"minimum": 1}))
-    temperature: float = Field(1.0, json_schema_extra=NON_NEGATIVE)
-    top_p: float = Field(1.0, json_schema_extra=TOP_P)
-    top_k: int = Field(0, json_schema_extra=TOP_K)
-    seed: int | None = Field(None, json_schema_extra=SEED)
+    max_new_tokens: StrictInt = Field(16, json_schema_extra=accepts(integer={"minimum": 1}))
+    temperature: StrictFloat = Field(1.0, json_schema_extra=NON_NEGATIVE)
+    top_p: StrictFloat = Field(1.0, json_schema_extra=TOP_P)
+    top_k: StrictInt = Field(0, json_schema_extra=TOP_K)
+    seed: StrictInt | None = Field(None, json_schema_extra=SEED)
     stop: list[str] | str | None = Field(None, json_schema_extra=STOP)
-    stop_token_ids: list[int] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, json_schema_extra=NON_NEGATIVE)
-    logprobs: bool = False
-    stream: bool = False
+    stop_token_ids: list[StrictInt] | None = Field(None, json_schema_extra=STOP_TOKEN_IDS)
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, json_schema_extra=NON_NEGATIVE)
+    logprobs: StrictBool = False
+    stream: StrictBool = False
 
     @model_validator(mode="after")
     def _one_prompt(self):

@@ -104,13 +104,25 @@ def check_store_quota(caller: Caller, store: AdapterStore, engine_task: str, new
     if limits.max_tasks is None and limits.max_task_bytes is None:
         return
     current = store.list_tasks(f"{caller.tenant}/")
-    is_new = engine_task not in current
-    if limits.max_tasks is not None and is_new and len(current) >= limits.max_tasks:
-        raise RateLimitedError(f"tenant {caller.tenant!r} has {len(current)} tasks, its limit is {limits.max_tasks}; "
-                               f"delete one first", retry_after_s=_STORE_LIMIT_RETRY_S)
+    _check_task_count(caller, set(current), engine_task, "tasks")
     if limits.max_task_bytes is not None:
         used = sum(h[0].num_bytes for t in current if t != engine_task and (h := store.history(t)))
         if used + new_bytes > limits.max_task_bytes:
             raise RateLimitedError(f"tenant {caller.tenant!r} would keep {used + new_bytes} bytes of tasks, its limit "
                                    f"is {limits.max_task_bytes}", retry_after_s=_STORE_LIMIT_RETRY_S)
 
+
+def check_job_task_quota(caller: Caller, store: AdapterStore, engine_task: str, queued_tasks: set[str]) -> None:
+    """Refuse a training job that would create a task past max_tasks: the tenant's tasks are those in
+    the store and those its unfinished jobs will publish (blocking store read: run it off the event loop)."""
+    if caller.limits.max_tasks is None:
+        return
+    _check_task_count(caller, set(store.list_tasks(f"{caller.tenant}/")) | queued_tasks, engine_task,
+                      "tasks, counting those its unfinished training jobs will publish")
+
+
+def _check_task_count(caller: Caller, tasks: set[str], engine_task: str, counted: str) -> None:
+    limit = caller.limits.max_tasks
+    if limit is not None and engine_task not in tasks and len(tasks) >= limit:
+        raise RateLimitedError(f"tenant {caller.tenant!r} has {len(tasks)} {counted}; its limit is {limit}: "
+                               f"delete one first", retry_after_s=_STORE_LIMIT_RETRY_S)

@@ -10,25 +10,36 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.errors import (
     InvalidRequestError,
     NotAvailableError,
     PayloadTooLargeError,
+    RateLimitedError,
     TrainingDataError,
 )
 from prefixserve.server import auth
 from prefixserve.server.auth import Caller
 from prefixserve.server.protocol import error_responses
+from prefixserve.server.quotas import check_job_task_quota
 from prefixserve.server.tenancy import tenant_task
-from prefixserve.training.queue import JobQueue, JobRecord, not_found
+from prefixserve.training.queue import MAX_LIST_LIMIT, JobQueue, JobRecord, not_found
 from prefixserve.training.spec import parse_job_spec
 
 MAX_JOB_BODY_BYTES = 32 << 20  # a few thousand examples; bigger data sets belong in a suite or a file
+# Queued or running jobs per tenant: a job takes minutes of a worker, so more than this is one tenant
+# filling the shared queue (DEFAULT_MAX_PENDING, all tenants) for everyone else.
+MAX_UNFINISHED_JOBS_PER_TENANT = 8
+_UNFINISHED_RETRY_AFTER_S = 60.0  # a slot frees when one of the tenant's jobs finishes: minutes, not seconds
 
 
-def training_router(queue: JobQueue | None, backbone_name: str) -> APIRouter:
+def training_router(queue: JobQueue | None, backbone_name: str, store: AdapterStore) -> APIRouter:
+    """`store` is read for the tenant's task count (max_tasks) before a job that creates a task is queued."""
     router = APIRouter(prefix="/v1/training/jobs", tags=["training"],
-                       responses=error_responses(400, 401, 403, 404, 413, 501, 503))
+                       responses=error_responses(400, 401, 403, 404, 413, 429, 501, 503))
+    # Counting a tenant's jobs and queueing one more is one step per replica, so concurrent submissions
+    # cannot both take the last slot (across replicas, the check can overshoot by one job per replica).
+    submitting = asyncio.Lock()
 
     def jobs() -> JobQueue:
         if queue is None:
@@ -43,7 +54,9 @@ def training_router(queue: JobQueue | None, backbone_name: str) -> APIRouter:
         raw = await _json_body(request)
         spec = parse_job_spec(namespaced(raw, caller.tenant, backbone_name))
         _check_suite_tasks(spec)
-        record = await asyncio.to_thread(jobs().submit, spec, caller.tenant)
+        async with submitting:
+            await asyncio.to_thread(_check_tenant_limits, jobs(), store, caller, spec.task)
+            record = await asyncio.to_thread(jobs().submit, spec, caller.tenant)
         return JSONResponse(public(record, caller.tenant), status_code=201)
 
     @router.get("")
@@ -96,6 +109,17 @@ def public(record: JobRecord, tenant: str) -> dict:
     return data
 
 
+def _check_tenant_limits(queue: JobQueue, store: AdapterStore, caller: Caller, engine_task: str) -> None:
+    """At most MAX_UNFINISHED_JOBS_PER_TENANT queued or running jobs, and no job that would publish a
+    task past the tenant's max_tasks (blocking reads: run it off the event loop)."""
+    unfinished = [r for r in queue.list_jobs(caller.tenant, limit=MAX_LIST_LIMIT) if not r.status.finished]
+    if len(unfinished) >= MAX_UNFINISHED_JOBS_PER_TENANT:
+        raise RateLimitedError(f"tenant {caller.tenant!r} has {len(unfinished)} training jobs queued or running; "
+                               f"the limit is {MAX_UNFINISHED_JOBS_PER_TENANT}: wait for one to finish",
+                               retry_after_s=_UNFINISHED_RETRY_AFTER_S)
+    check_job_task_quota(caller, store, engine_task, {r.task for r in unfinished})
+
+
 def _check_suite_tasks(spec) -> None:
     """Refuse an unknown built-in task now rather than in the worker. The suite needs the training
     extra; a server without it leaves the check to the worker."""
@@ -124,3 +148,5 @@ async def _json_body(request: Request) -> object:
         return json.loads(b"".join(chunks))
     except ValueError as exc:
         raise InvalidRequestError(f"expected a JSON job spec, found invalid JSON: {exc}") from None
+    except RecursionError:  # json.loads recurses once per nesting level; a spec is a few levels deep
+        raise InvalidRequestError("expected a JSON job spec, found JSON nested too deeply to parse") from None

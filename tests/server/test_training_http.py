@@ -2,11 +2,14 @@
 
 import httpx
 import pytest
+import torch
 from http_server import serving
 
+from prefixserve.adapters_store.format import encode_artifact
+from prefixserve.errors import TrainingDataError
 from prefixserve.server.auth import Authenticator
-from prefixserve.server.tenants import FileTenantRegistry
-from prefixserve.server.training_routes import MAX_JOB_BODY_BYTES
+from prefixserve.server.tenants import FileTenantRegistry, TenantLimits
+from prefixserve.server.training_routes import MAX_JOB_BODY_BYTES, MAX_UNFINISHED_JOBS_PER_TENANT
 from prefixserve.training.sqlite_queue import SqliteJobQueue
 
 pytestmark = pytest.mark.slow
@@ -78,6 +81,69 @@ def test_bad_specs_are_400s_that_say_what_is_wrong(server, keys, queue):
         huge = ben.post("/v1/training/jobs", content=b" " * (MAX_JOB_BODY_BYTES + 1))
         assert huge.status_code == 413
         assert len(queue.list_jobs("ben")) == before  # nothing was queued
+
+
+def test_a_deeply_nested_spec_is_a_400_and_queues_nothing(server, keys, queue):
+    with client(server, keys, "ben") as ben:
+        before = len(queue.list_jobs("ben"))
+        deep = b'{"task": "x", "kind": "prompt", "examples": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        resp = ben.post("/v1/training/jobs", content=deep, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400 and "nested too deeply" in resp.json()["error"]["message"], resp.text
+        assert len(queue.list_jobs("ben")) == before
+
+
+@pytest.fixture(scope="module")
+def limited(smollm2, tmp_path_factory):
+    """A server of its own (an empty queue with room for every tenant's jobs) and tenants with limits."""
+    registry = FileTenantRegistry(tmp_path_factory.mktemp("tenants") / "tenants.json")
+    found = {}
+    for name, limits in (("dana", TenantLimits(max_tasks=1)), ("eve", TenantLimits()), ("fay", TenantLimits())):
+        registry.create(name, limits=limits)
+        found[name] = registry.add_key(name)[1]
+    q = SqliteJobQueue(tmp_path_factory.mktemp("jobs") / "jobs.sqlite3", max_pending=100)
+    with serving(smollm2, auth=Authenticator(registry), job_queue=q) as running:
+        yield running, (registry, found), q
+    q.close()
+
+
+def test_a_tenant_at_max_tasks_cannot_queue_a_job_that_would_create_another(limited):
+    server, keys, queue = limited
+    sync = server[1]
+    embeddings = torch.randn(4, sync.backbone.arch.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.5
+    data = encode_artifact("prompt", {"num_virtual_tokens": 4}, {"embeddings": embeddings}, sync.adapters.fingerprint)
+    with client(server, keys, "dana") as dana:
+        kept = dana.put("/v1/tasks/kept", files={"file": ("a.safetensors", data, "application/octet-stream")})
+        assert kept.status_code == 201, kept.text
+        over = dana.post("/v1/training/jobs", json={**JOB, "task": "new"})
+        assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1, over.text
+        assert "has 1 tasks" in over.json()["error"]["message"] and "limit is 1" in over.json()["error"]["message"]
+        assert queue.list_jobs("dana") == []  # nothing was queued
+        retrain = dana.post("/v1/training/jobs", json={**JOB, "task": "kept"})  # not a new task
+        assert retrain.status_code == 201, retrain.text
+        assert dana.delete("/v1/tasks/kept").status_code == 200
+        # The store is empty now, but the queued job will publish "kept": a job for another task is still over.
+        pending = dana.post("/v1/training/jobs", json={**JOB, "task": "other"})
+        assert pending.status_code == 429 and "unfinished training jobs" in pending.json()["error"]["message"]
+        assert [j["task"] for j in dana.get("/v1/training/jobs").json()["jobs"]] == ["kept"]
+
+
+def test_a_tenant_can_have_only_so_many_unfinished_jobs(limited):
+    server, keys, queue = limited
+    with client(server, keys, "eve") as eve, client(server, keys, "fay") as fay:
+        for i in range(MAX_UNFINISHED_JOBS_PER_TENANT):
+            resp = eve.post("/v1/training/jobs", json={**JOB, "task": f"t{i}"})
+            assert resp.status_code == 201, resp.text
+        over = eve.post("/v1/training/jobs", json={**JOB, "task": "one-more"})
+        assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1, over.text
+        message = over.json()["error"]["message"]
+        assert f"{MAX_UNFINISHED_JOBS_PER_TENANT} training jobs queued or running" in message, message
+        assert len(queue.list_jobs("eve")) == MAX_UNFINISHED_JOBS_PER_TENANT
+        assert fay.post("/v1/training/jobs", json=JOB).status_code == 201  # the cap is per tenant
+        claim = queue.claim("test-worker")  # a worker finishing one of eve's jobs frees a slot
+        while claim.record.tenant != "eve":
+            claim = queue.claim("test-worker")
+        queue.fail(claim, TrainingDataError("stopped by the test"))
+        assert eve.post("/v1/training/jobs", json={**JOB, "task": "one-more"}).status_code == 201
 
 
 def test_the_sdk_submits_and_reads_jobs(server, keys):

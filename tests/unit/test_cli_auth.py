@@ -42,3 +42,37 @@ def test_environment_variables_are_read_and_listed(monkeypatch):
     names = env_settings()
     assert {"PREFIXSERVE_ADMIN_KEY", "PREFIXSERVE_TENANTS_FILE", "REDIS_URL", "PREFIXSERVE_HOST"} <= set(names)
     assert all(doc for doc in names.values())
+
+
+def test_metrics_key_guards_only_metrics(monkeypatch, tmp_path):
+    from prefixserve.errors import ForbiddenError, UnauthorizedError
+
+    monkeypatch.setenv("PREFIXSERVE_METRICS_KEY", "scrape-me")
+    assert "PREFIXSERVE_METRICS_KEY" in env_settings()
+    alone = authenticator(serve_args())
+    assert not alone.enabled and alone.authenticate(None).tenant == "default"  # no API keys for the rest
+    alone.authorize_metrics("Bearer scrape-me")
+    with pytest.raises(UnauthorizedError):
+        alone.authorize_metrics(None)
+    with pytest.raises(ConfigError, match="without API keys"):
+        check_exposure("0.0.0.0", alone.enabled)  # a metrics key does not make the server safe to expose
+
+    keyed = authenticator(serve_args("--admin-key", "adm", "--tenants-file", str(tmp_path / "t.json"),
+                                     "--metrics-key", "flag-wins"))
+    keyed.registry.create("acme")
+    _, tenant_key = keyed.registry.add_key("acme")
+    keyed.authorize_metrics("Bearer flag-wins")
+    keyed.authorize_metrics("Bearer adm")
+    with pytest.raises(ForbiddenError):
+        keyed.authorize_metrics(f"Bearer {tenant_key}")
+    with pytest.raises(UnauthorizedError):
+        keyed.authorize_metrics("Bearer scrape-me")  # the environment's key lost to the flag
+    with pytest.raises(UnauthorizedError):
+        keyed.authenticate("Bearer flag-wins")  # the metrics key is no tenant's and not the admin's
+
+
+def test_without_any_key_metrics_stay_open(monkeypatch):
+    monkeypatch.delenv("PREFIXSERVE_METRICS_KEY", raising=False)
+    auth = authenticator(serve_args())
+    assert not auth.guards_metrics
+    auth.authorize_metrics(None)
