@@ -62,6 +62,15 @@ _SUBSPACE_NOT_SERVABLE = ("task {task!r} is an IPT subspace (a shared decoder), 
                           "intrinsic task that points at it")
 
 
+@dataclass(frozen=True)
+class PreparedUpload:
+    """An upload decoded and validated off the engine thread, waiting to be compiled and stored."""
+
+    artifact: Artifact
+    data: bytes  # what the store keeps (the artifact's version is their sha256)
+    subspace: Artifact | None = None  # an intrinsic's subspace, decoded here when the host cache lacked it
+
+
 @dataclass(eq=False)
 class AdapterHandle:
     """One device-resident adapter version."""
@@ -147,31 +156,67 @@ class AdapterManager:
 
     # ---- engine thread: registration ---------------------------------------------------------
     def register(self, task: str, data: bytes) -> Artifact:
-        """Validate, store, and serve `task` at the new version from the next request on. Everything
-        that can refuse the version (validation, the intrinsic decode, compiling it onto the device)
-        runs before the store is written, so a refused upload leaves no stored version behind."""
+        """Validate, store, and serve `task` at the new version from the next request on, all on the
+        calling thread (offline use; the server splits the steps so that only the compile runs on the
+        engine thread). A refused upload leaves no stored version behind."""
+        upload = self.prepare_upload(task, data)
+        self.compile_upload(upload)
+        artifact = self.publish_upload(task, upload)
+        self.free_stale()
+        return artifact
+
+    def free_stale(self) -> None:
+        """Drop the device copies of versions that lost their task (uploads, rollbacks, deletes and
+        store events hand them over from other threads), unless a request still holds them."""
+        while not self._stale.empty():
+            self._maybe_free(self._stale.get())
+
+    # ---- any thread: the parts of an upload that must not stall the step loop --------------------
+    def prepare_upload(self, task: str, data: bytes) -> PreparedUpload:
+        """Decode and validate an upload (every tensor and derived value in the engine's dtype) and
+        fetch an intrinsic's subspace if this replica has not decoded it: CPU and store work that
+        touches no engine state, so the server runs it off the engine thread."""
         if task == BASE_TASK or not _TASK_NAME.match(task):
             raise InvalidRequestError(f"task names are 1-200 characters of letters, digits and ._:/- (not "
                                       f"{BASE_TASK!r}), found {task!r}")
         artifact = self._decode(data)
+        subspace = None
+        if artifact.kind == "intrinsic" and artifact.config["subspace_version"] not in self.host:
+            subspace = self._fetch_subspace(artifact)
+        return PreparedUpload(artifact, data, subspace)
+
+    def publish_upload(self, task: str, upload: PreparedUpload) -> Artifact:
+        """Write a compiled upload to the store and point `task` at it (store I/O with fsyncs or a
+        network round trip: off the engine thread). The version it replaces, or this one if the
+        write fails, is handed to the engine thread to free once nothing uses it."""
+        artifact = upload.artifact
+        try:
+            with self._pointer_lock:
+                self.store.put(task, upload.data, artifact.kind)
+                previous = self._tasks.get(task)
+                self._tasks[task] = artifact.version
+        except BaseException:
+            self._stale.put(artifact.version)  # compiled for nothing unless a task points at it
+            raise
+        if artifact.kind == "subspace":
+            self._subspaces.add(artifact.version)
+        if previous is not None and previous != artifact.version:
+            self._stale.put(previous)
+        return artifact
+
+    # ---- engine thread: registration ---------------------------------------------------------
+    def compile_upload(self, upload: PreparedUpload) -> None:
+        """Between steps: decode an intrinsic's soft prompt and compile the version onto the device,
+        so one the device cannot take is refused before it is stored. The only part of an upload
+        that runs on the engine thread (a LoRA's copy into its slot, or one prefill of P tokens)."""
+        artifact = upload.artifact
+        if upload.subspace is not None:
+            self.host.put(upload.subspace)
         if artifact.kind == "intrinsic":
             self._decode_intrinsic(artifact)  # refuse a missing subspace or a soft prompt that overflows
         self.host.put(artifact)
         if artifact.kind != "subspace" and artifact.version not in self._resident:
             self._compile_for_upload(artifact)
-        try:
-            with self._pointer_lock:
-                self.store.put(task, data, artifact.kind)
-                previous = self._tasks.get(task)
-                self._tasks[task] = artifact.version
-        except BaseException:
-            self._maybe_free(artifact.version)  # compiled for nothing: no task points at it
-            raise
-        if artifact.kind == "subspace":
-            self._subspaces.add(artifact.version)
-        if previous is not None and previous != artifact.version:
-            self._maybe_free(previous)
-        return artifact
 
     def _compile_for_upload(self, artifact: Artifact) -> None:
         """Compile a new version now: it warms the device, and a version the device cannot take is
@@ -188,6 +233,7 @@ class AdapterManager:
                                f"({type(exc).__name__}: {exc}); nothing was stored") from None
         self._quarantined.pop(artifact.version, None)  # the same bytes re-uploaded and compiled fine now
 
+    # ---- any thread: task pointers (store writes; the replaced version is freed by free_stale) ----
     def unregister(self, task: str) -> None:
         with self._pointer_lock:
             if self.store.current(task) is None:
@@ -195,7 +241,7 @@ class AdapterManager:
             self.store.delete(task)
             previous = self._tasks.pop(task, None)
         if previous is not None:
-            self._maybe_free(previous)
+            self._stale.put(previous)
 
     def rollback(self, task: str, version: str | None = None) -> str:
         """Make an earlier version (the previous one by default) current; returns it."""
@@ -204,8 +250,10 @@ class AdapterManager:
             previous = self._tasks.get(task)
             self._tasks[task] = target
         if previous is not None and previous != target:
-            self._maybe_free(previous)
+            self._stale.put(previous)
         return target
+
+    # ---- engine thread -------------------------------------------------------------------------
 
     def residency(self, version: str) -> str:
         """Where a version is now: "device" (compiled), "host" (decoded in memory) or "store"."""
@@ -245,8 +293,7 @@ class AdapterManager:
     def poll(self) -> list[tuple[Request, PrefixServeError | None]]:
         """Between steps: free versions that lost their task, compile finished loads, and return the
         waiting requests that are now pinned (error None) or can never be served (their error)."""
-        while not self._stale.empty():
-            self._maybe_free(self._stale.get())
+        self.free_stale()
         ready = []
         for version in [v for v, f in self._loading.items() if f.done()]:
             future = self._loading.pop(version)
@@ -347,16 +394,19 @@ class AdapterManager:
                                arch=self.backbone.arch, dtype=self.runner.dtype)
 
     def _subspace(self, intrinsic: Artifact) -> Artifact:
-        version = intrinsic.config["subspace_version"]
-        subspace = self.host.get(version)
+        subspace = self.host.get(intrinsic.config["subspace_version"])
         if subspace is None:
-            try:
-                subspace = self._decode(self.store.get(version))
-            except TaskNotFoundError:
-                raise AdapterError(f"the intrinsic vector needs subspace {version}, which is not registered; "
-                                   f"upload the subspace artifact first") from None
+            subspace = self._fetch_subspace(intrinsic)
             self.host.put(subspace)
         return subspace
+
+    def _fetch_subspace(self, intrinsic: Artifact) -> Artifact:
+        version = intrinsic.config["subspace_version"]
+        try:
+            return self._decode(self.store.get(version))
+        except TaskNotFoundError:
+            raise AdapterError(f"the intrinsic vector needs subspace {version}, which is not registered; "
+                               f"upload the subspace artifact first") from None
 
     # ---- device residency --------------------------------------------------------------------
     def _make_resident(self, version: str, artifact: Artifact | None = None) -> AdapterHandle:

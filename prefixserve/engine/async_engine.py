@@ -78,11 +78,25 @@ class AsyncEngine:
                 self.abort(request.request_id)
 
     async def register_adapter(self, task: str, data: bytes):
-        """Register on the engine thread (compiling a prefix runs the backbone) and await the result."""
-        return await self.call(lambda engine: engine.register_adapter(task, data))
+        """Register an upload without stalling the step loop: decoding and validating (CPU), and the
+        store write (fsyncs, or a round trip to Redis) run on worker threads; the engine thread only
+        compiles the version between two steps (a prefill of its virtual tokens, or a LoRA slot
+        copy), before it is stored, and frees the version it replaced."""
+        adapters = self.engine.adapters
+        upload = await asyncio.to_thread(adapters.prepare_upload, task, data)
+        await self.call(lambda engine: engine.adapters.compile_upload(upload))
+        artifact = await asyncio.to_thread(adapters.publish_upload, task, upload)
+        await self.call(lambda engine: engine.adapters.free_stale())
+        return artifact
 
     async def unregister_adapter(self, task: str) -> None:
-        await self.call(lambda engine: engine.unregister_adapter(task))
+        await asyncio.to_thread(self.engine.adapters.unregister, task)  # a store write: off the engine thread
+        await self.call(lambda engine: engine.adapters.free_stale())
+
+    async def rollback_adapter(self, task: str, version: str | None = None) -> str:
+        target = await asyncio.to_thread(self.engine.adapters.rollback, task, version)
+        await self.call(lambda engine: engine.adapters.free_stale())
+        return target
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run fn(engine) between two steps on the engine thread."""

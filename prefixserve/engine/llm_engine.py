@@ -167,9 +167,12 @@ class LLMEngine:
 
     def unregister_adapter(self, task: str) -> None:
         self.adapters.unregister(task)
+        self.adapters.free_stale()
 
     def rollback_adapter(self, task: str, version: str | None = None) -> str:
-        return self.adapters.rollback(task, version)
+        version = self.adapters.rollback(task, version)
+        self.adapters.free_stale()
+        return version
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -1,6 +1,7 @@
 """Tasks over HTTP: upload (a prefixserve artifact or a PEFT folder archived as .tar/.tar.gz/.zip),
-list, show, roll back, delete. Every change goes through the engine thread, so the uploading
-replica serves the new version from its next request; other replicas hear it from the store."""
+list, show, roll back, delete. Decoding and store writes run on worker threads and only the compile on
+the engine thread, so an upload never stalls other tenants' tokens; the uploading replica serves the
+new version from its next request, other replicas hear it from the store."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
     async def rollback(task: str, body: RollbackBody | None = None,
                        caller: Caller = Depends(auth.caller)) -> TaskRollback:
         engine_task = name(caller, task)
-        version = await engine.call(lambda e: e.rollback_adapter(engine_task, body.version if body else None))
+        version = await engine.rollback_adapter(engine_task, body.version if body else None)
         return TaskRollback(task=task, version=version)
 
     @router.delete("/{task}", responses=error_responses(400, 401, 403, 404, 503))
