@@ -2,19 +2,26 @@
 
     blobs/<sha[:2]>/<sha>   artifact bytes, content-addressed, written once
     tasks/<name>.json       {"task": name, "history": [record, ...]}, newest first; history[0] is current
-    lock                    flock'ed around every read-modify-write of a task file
+    orphans.json            {"orphans": {version: unix time}}: blobs that may have lost their last reference
+    lock                    flock'ed around every change (task files, blobs, orphans) and every collection
 
 Every file is written as temp file + fsync + rename + fsync of the directory, and a blob is durable
 before the task file that points at it, so a crash at any point leaves each task at its old or its new
 version, never at a missing or partial blob. The flock makes concurrent writers (threads or processes)
-serialise on task files; blobs need no lock because equal names mean equal bytes.
+serialise.
+
+Garbage collection runs under the same flock, so no put can reference a blob while it is being deleted.
+A change records the versions it will orphan (and a blob it is about to add) in orphans.json BEFORE it
+writes blob and task file: a crash in between leaves a record the collector checks, never an unrecorded
+blob. The collector reads every task file (the truth, no index to drift) but only when some record is
+older than gc_grace_s, deletes the blobs of those no history references, and drops their records; one
+it cannot read makes it delete nothing.
 
 Events of this process's changes reach subscribers at once (every LocalStore on the same root shares one
 notifier); changes made by other processes on the same directory (a `prefixserve worker` publishing a
 trained task, another server) are found by polling the task directory's modification time every
 WATCH_INTERVAL_S while anyone is subscribed, so they arrive within a second. Subscribers re-read the
-pointer on an event, so a duplicate or late event is harmless. Blobs are never removed: a version that
-fell off a history (MAX_HISTORY) or whose task was deleted keeps its blob (no GC yet)."""
+pointer on an event, so a duplicate or late event is harmless."""
 
 from __future__ import annotations
 
@@ -28,23 +35,26 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import quote
 
 from prefixserve.adapters_store.store import (
-    MAX_HISTORY,
+    DEFAULT_GC_GRACE_S,
+    DEFAULT_MAX_HISTORY,
     AdapterStore,
     StoreEvent,
     VersionRecord,
     blob_version,
     check_put_args,
+    check_retention,
     check_task_name,
     check_version,
+    history_after,
     rollback_target,
 )
-from prefixserve.errors import StoreCorruptError, TaskNotFoundError
+from prefixserve.errors import InvalidRequestError, StoreCorruptError, TaskNotFoundError
 
 _MAX_FILE_NAME_CHARS = 200  # below the usual 255-byte limit, leaving room for ".json" and temp suffixes
 _STALE_TEMP_S = 3600.0  # temp files older than this belong to a writer that crashed
@@ -195,12 +205,16 @@ _notifiers_lock = threading.Lock()
 
 
 class LocalStore(AdapterStore):
-    """A store in the directory `root` (created if missing); thread- and process-safe for writers."""
+    """A store in the directory `root` (created if missing); thread- and process-safe for writers.
+    Every client of one directory should use the same `max_history` and `gc_grace_s`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, max_history: int = DEFAULT_MAX_HISTORY,
+                 gc_grace_s: float = DEFAULT_GC_GRACE_S):
+        self.max_history, self.gc_grace_s = check_retention(max_history, gc_grace_s)
         self.root = Path(root).expanduser().resolve()
         self._blobs = self.root / "blobs"
         self._tasks = self.root / "tasks"
+        self._orphans = self.root / "orphans.json"
         for directory in (self._blobs, self._tasks):
             directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
@@ -214,14 +228,20 @@ class LocalStore(AdapterStore):
     def put(self, task: str, data: bytes, kind: str) -> str:
         data = check_put_args(task, data, kind)
         version = blob_version(data)
-        self._write_blob(version, data)  # before the task file points at it
         with self._locked():
             history = self._read_history(task)
             if history and history[0].version == version:
+                self._write_blob(version, data)  # a damaged blob is rewritten by a re-put
                 return version
-            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=time.time())
-            self._write_history(task, [record, *history])
+            now = time.time()
+            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=now)
+            new_history = history_after(record, history, self.max_history)
+            new_blob = [] if self._blob_path(version).exists() else [version]
+            orphans = self._record_orphans((_versions(history) - _versions(new_history)) | set(new_blob), now)
+            self._write_blob(version, data)  # before the task file points at it
+            self._write_history(task, new_history)
             self._notifier.publish(StoreEvent(task, version))  # under the lock: events keep write order
+            self._collect_opportunistically(orphans)
         return version
 
     def current(self, task: str) -> str | None:
@@ -244,41 +264,44 @@ class LocalStore(AdapterStore):
         return self._read_history(check_task_name(task))
 
     def list_tasks(self, prefix: str = "") -> dict[str, str]:
-        # Quoting is char by char, so a task starts with prefix iff its quoted name starts with the quoted
-        # prefix; hashed names ("#...", long tasks) have to be opened to know.
-        quoted_prefix = quote(prefix, safe="")
-        tasks = {}
-        for path in self._tasks.iterdir():
-            name = path.name
-            if not name.endswith(".json") or not (name.startswith("#") or name.startswith(quoted_prefix)):
-                continue
-            try:
-                state = _read_json(path)
-            except FileNotFoundError:  # deleted since iterdir
-                continue
-            if state["task"].startswith(prefix) and state["history"]:
-                tasks[state["task"]] = state["history"][0]["version"]
-        return tasks
+        return {state["task"]: state["history"][0]["version"] for state in self._task_states(prefix)}
+
+    def histories(self, prefix: str = "") -> dict[str, list[VersionRecord]]:
+        return {state["task"]: [VersionRecord(**r) for r in state["history"]] for state in self._task_states(prefix)}
 
     def rollback(self, task: str, version: str | None = None) -> str:
         check_task_name(task)
         with self._locked():
             history = self._read_history(task)
             target = rollback_target(task, history, version)
-            record = VersionRecord(target.version, target.kind, target.num_bytes, created_at=time.time())
-            self._write_history(task, [record, *history])
+            now = time.time()
+            new_history = history_after(VersionRecord(target.version, target.kind, target.num_bytes, now), history,
+                                        self.max_history)
+            orphans = self._record_orphans(_versions(history) - _versions(new_history), now)
+            self._write_history(task, new_history)
             self._notifier.publish(StoreEvent(task, target.version))
+            self._collect_opportunistically(orphans)
         return target.version
 
     def delete(self, task: str) -> None:
         path = self._task_path(check_task_name(task))
         with self._locked(), self._notifier.own_write(path, task):
             try:
-                path.unlink()
-            except FileNotFoundError:
-                raise TaskNotFoundError(f"expected task {task!r} in the store, found no such task") from None
+                orphaned = _versions(self._read_history(task))
+                if not orphaned:
+                    raise TaskNotFoundError(f"expected task {task!r} in the store, found no such task")
+            except StoreCorruptError:  # its versions cannot be known: they leak rather than risk a loss
+                logger.exception("deleting task %r whose file is unreadable", task)
+                orphaned = set()
+            orphans = self._record_orphans(orphaned, time.time())
+            path.unlink()
             _fsync_dir(path.parent)
             self._notifier.publish(StoreEvent(task, None))
+            self._collect_opportunistically(orphans)
+
+    def collect_garbage(self, now: float | None = None) -> int:
+        with self._locked():
+            return self._collect(self._read_orphans(), time.time() if now is None else now)
 
     def subscribe(self, callback: Callable[[StoreEvent], None]) -> Callable[[], None]:
         unsubscribe = self._notifier.subscribe(callback)
@@ -289,6 +312,58 @@ class LocalStore(AdapterStore):
         """Unsubscribe this instance's callbacks (other instances on the same root keep theirs)."""
         while self._unsubscribes:
             self._unsubscribes.pop()()
+
+    # --- garbage collection (callers hold the lock) ---
+
+    def _record_orphans(self, versions: set[str], now: float) -> dict[str, float]:
+        """Mark `versions` as orphaned at `now` (a later time wins: the grace restarts); returns all records."""
+        orphans = self._read_orphans()
+        if versions:
+            orphans.update((version, max(now, orphans.get(version, now))) for version in versions)
+            _write_atomic(self._orphans, json.dumps({"orphans": orphans}).encode())
+        return orphans
+
+    def _collect(self, orphans: dict[str, float], now: float) -> int:
+        cutoff = now - self.gc_grace_s
+        expired = [version for version, orphaned_at in orphans.items() if orphaned_at <= cutoff]
+        if not expired:
+            return 0  # the common case costs one small file read
+        referenced = set()
+        for state in self._task_states():
+            referenced |= {record["version"] for record in state["history"]}
+        num_deleted, touched = 0, set()
+        for version in expired:
+            del orphans[version]  # referenced again: a new record comes when it next leaves a history
+            if version not in referenced:
+                with contextlib.suppress(FileNotFoundError):  # gone already (a crash after the unlink)
+                    self._blob_path(version).unlink()
+                    num_deleted += 1
+                    touched.add(self._blob_path(version).parent)
+        for directory in touched:  # the unlinks are durable before their records go
+            _fsync_dir(directory)
+        _write_atomic(self._orphans, json.dumps({"orphans": orphans}).encode())
+        return num_deleted
+
+    def _collect_opportunistically(self, orphans: dict[str, float]) -> None:
+        # The change has committed: a failed collection must not fail it (the records stay for a later one).
+        try:
+            self._collect(orphans, time.time())
+        except (OSError, StoreCorruptError):
+            logger.exception("collecting garbage in %s failed; the orphan blobs stay for a later collection", self.root)
+
+    def _read_orphans(self) -> dict[str, float]:
+        try:
+            state = json.loads(self._orphans.read_bytes())
+            orphans = state["orphans"]
+            if isinstance(orphans, dict) and all(isinstance(t, int | float) for t in orphans.values()):
+                return {check_version(v): float(t) for v, t in orphans.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, KeyError, InvalidRequestError):
+            pass
+        # Losing the records leaks their blobs; it can never delete a referenced one.
+        logger.warning("expected orphan records in %s, found them unreadable; starting afresh", self._orphans)
+        return {}
 
     # --- files ---
 
@@ -312,6 +387,22 @@ class LocalStore(AdapterStore):
             _fsync_dir(self._blobs)
         _write_atomic(path, data)
 
+    def _task_states(self, prefix: str = "") -> Iterator[dict]:
+        """The task files of tasks whose name starts with prefix (and a non-empty history)."""
+        # Quoting is char by char, so a task starts with prefix iff its quoted name starts with the quoted
+        # prefix; hashed names ("#...", long tasks) have to be opened to know.
+        quoted_prefix = quote(prefix, safe="")
+        for path in self._tasks.iterdir():
+            name = path.name
+            if not name.endswith(".json") or not (name.startswith("#") or name.startswith(quoted_prefix)):
+                continue
+            try:
+                state = _read_json(path)
+            except FileNotFoundError:  # deleted since iterdir
+                continue
+            if state["task"].startswith(prefix) and state["history"]:
+                yield state
+
     def _read_history(self, task: str) -> list[VersionRecord]:
         try:
             state = _read_json(self._task_path(task))
@@ -320,7 +411,7 @@ class LocalStore(AdapterStore):
         return [VersionRecord(**record) for record in state["history"]]
 
     def _write_history(self, task: str, history: list[VersionRecord]) -> None:
-        state = {"task": task, "history": [asdict(record) for record in history[:MAX_HISTORY]]}
+        state = {"task": task, "history": [asdict(record) for record in history]}
         path = self._task_path(task)
         with self._notifier.own_write(path, task):
             _write_atomic(path, json.dumps(state, indent=1).encode())
@@ -335,10 +426,14 @@ class LocalStore(AdapterStore):
 
     def _remove_stale_temps(self) -> None:
         cutoff = time.time() - _STALE_TEMP_S
-        for path in [*self._tasks.glob("*.tmp"), *self._blobs.glob("*/*.tmp")]:
+        for path in [*self._tasks.glob("*.tmp"), *self._blobs.glob("*/*.tmp"), *self.root.glob("orphans.json.*.tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
+
+
+def _versions(history: list[VersionRecord]) -> set[str]:
+    return {record.version for record in history}
 
 
 def _read_json(path: Path) -> dict:

@@ -2,14 +2,26 @@
 
 Keys (ns = namespace):
     {ns}:blob:{version}   artifact bytes, written once (SET NX)
-    {ns}:history:{task}   list of JSON VersionRecords, newest first, capped at MAX_HISTORY; head = current
+    {ns}:history:{task}   list of JSON VersionRecords, newest first, capped at max_history; head = current
     {ns}:tasks            set of task names (list_tasks SSCANs it; never KEYS)
+    {ns}:refs:{version}   set of the tasks whose history holds the version; no key = unreferenced
+    {ns}:orphans          sorted set of versions that may be unreferenced, scored by when they became so
+    {ns}:refs-built       present once refs:* covers every history (stores made before GC had none)
     {ns}:events           pub/sub channel of JSON StoreEvents
 
-A put writes the blob first, then changes history, task set and PUBLISH in one MULTI/EXEC under WATCH
-of the history key, so readers see the old or the new version and an event is published exactly when
-the change commits. Every Redis failure surfaces as StoreUnavailableError (503) naming the URL and the
-operation, after at most one quick retry: a replica keeps serving the tasks it already holds."""
+A put writes the blob first, then changes history, task set, refs, orphans and PUBLISH in one MULTI/EXEC
+under WATCH of the history key, so readers see the old or the new version and an event is published
+exactly when the change commits. A change adds the task to refs:{v} of each version its history gains and
+removes it (and scores v in orphans) for each it loses; members are task names, so two clients changing
+different tasks never conflict and the sets stay exact. A put also scores its version in orphans before
+writing the blob (a crash before the transaction leaves a collectable blob), and watches the blob key: if
+the collector deleted it after the SET NX, the transaction aborts and the retry writes the blob with it.
+The collector is one Lua script (atomic): an orphan scored at least gc_grace_s ago whose refs:{v} is
+empty loses its blob; every expired orphan loses its record (a referenced one is scored again when it
+next leaves a history). Scores are each client's clock: keep replicas' clocks within a fraction of it.
+
+Every Redis failure surfaces as StoreUnavailableError (503) naming the URL and the operation, after at
+most one quick retry: a replica keeps serving the tasks it already holds."""
 
 from __future__ import annotations
 
@@ -28,14 +40,17 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 
 from prefixserve.adapters_store.store import (
-    MAX_HISTORY,
+    DEFAULT_GC_GRACE_S,
+    DEFAULT_MAX_HISTORY,
     AdapterStore,
     StoreEvent,
     VersionRecord,
     blob_version,
     check_put_args,
+    check_retention,
     check_task_name,
     check_version,
+    history_after,
     rollback_target,
 )
 from prefixserve.errors import ConfigError, StoreCorruptError, StoreUnavailableError, TaskNotFoundError
@@ -45,6 +60,21 @@ logger = logging.getLogger(__name__)
 _MAX_WATCH_ATTEMPTS = 50  # optimistic transactions on one task; contention is a few writers at most
 _MIN_BACKOFF_S, _MAX_BACKOFF_S = 0.05, 2.0  # listener reconnects
 _HEALTH_CHECK_S = 5  # PING an idle pub/sub connection this often, so a silently dead peer is noticed
+_GC_BATCH = 256  # orphans one collector call looks at; the rest wait for the next call
+
+# KEYS[1] orphans; ARGV: cutoff time, batch size, key prefix ("{ns}:"). Returns {orphans looked at,
+# blobs deleted}. It reaches refs and blob keys by name, which standalone Redis allows (not Cluster).
+_COLLECT_LUA = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local num_deleted = 0
+for _, version in ipairs(expired) do
+    redis.call('ZREM', KEYS[1], version)
+    if redis.call('EXISTS', ARGV[3] .. 'refs:' .. version) == 0 then
+        num_deleted = num_deleted + redis.call('DEL', ARGV[3] .. 'blob:' .. version)
+    end
+end
+return {#expired, num_deleted}
+"""
 
 
 class RedisStore(AdapterStore):
@@ -52,17 +82,23 @@ class RedisStore(AdapterStore):
     prefixes every key and the event channel, so stores of different deployments share one Redis;
     `socket_timeout` bounds every command and connect (an outage costs a caller about twice that)."""
 
-    def __init__(self, url: str, *, namespace: str = "prefixserve", socket_timeout: float = 2.0):
+    def __init__(self, url: str, *, namespace: str = "prefixserve", socket_timeout: float = 2.0,
+                 max_history: int = DEFAULT_MAX_HISTORY, gc_grace_s: float = DEFAULT_GC_GRACE_S):
         if not namespace or not isinstance(namespace, str):
             raise ConfigError(f"expected a non-empty Redis namespace, found {namespace!r}")
+        self.max_history, self.gc_grace_s = check_retention(max_history, gc_grace_s)
         self.url = redact_url(url)
         self.namespace = namespace
         self.channel = f"{namespace}:events"
         self._tasks_key = f"{namespace}:tasks"
+        self._orphans_key = f"{namespace}:orphans"
+        self._refs_built_key = f"{namespace}:refs-built"
+        self._refs_built = False  # known here to be built: checked once per client, before its first collection
         try:
             self._client = redis.Redis.from_url(url, **client_options(socket_timeout, retries=1))
         except ValueError as e:
             raise ConfigError(f"expected a redis:// or rediss:// URL, found {self.url!r} ({e})") from None
+        self._collect_script = self._client.register_script(_COLLECT_LUA)
         self._events = _EventListener(url, self.channel, socket_timeout, snapshot=self.list_tasks)
 
     def put(self, task: str, data: bytes, kind: str) -> str:
@@ -71,14 +107,22 @@ class RedisStore(AdapterStore):
         record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=time.time())
 
         def change(pipe) -> tuple[str, Callable | None]:
-            head = pipe.lindex(self._history_key(task), 0)
-            if head is not None and json.loads(head)["version"] == version:
+            history = self._read_history(pipe, task)
+            if history and history[0].version == version:
                 return version, None  # already current: idempotent, no entry and no event
-            return version, lambda pipe: self._push(pipe, task, record)
+            blob_missing = not pipe.exists(self._blob_key(version))
+
+            def write(pipe) -> None:
+                if blob_missing:  # collected since _write_blob: the watch makes this the only writer now
+                    pipe.set(self._blob_key(version), data)
+                self._replace_history(pipe, task, history, history_after(record, history, self.max_history))
+            return version, write
 
         with self._failures_as_unavailable("put"):
             self._write_blob(version, data)  # before anything points at it
-            return self._transaction(task, "put", change)
+            result = self._transaction(task, "put", change, also_watch=(self._blob_key(version),))
+        self._collect_opportunistically()
+        return result
 
     def current(self, task: str) -> str | None:
         with self._failures_as_unavailable("current"):
@@ -99,14 +143,11 @@ class RedisStore(AdapterStore):
 
     def history(self, task: str) -> list[VersionRecord]:
         with self._failures_as_unavailable("history"):
-            entries = self._client.lrange(self._history_key(check_task_name(task)), 0, -1)
-        return [VersionRecord(**json.loads(entry)) for entry in entries]
+            return self._read_history(self._client, check_task_name(task))
 
     def list_tasks(self, prefix: str = "") -> dict[str, str]:
         with self._failures_as_unavailable("list_tasks"):
-            # Filter in Python rather than with SSCAN MATCH: task names may hold glob characters.
-            names = [name.decode() for name in self._client.sscan_iter(self._tasks_key, count=1000)]
-            names = [name for name in names if name.startswith(prefix)]
+            names = self._task_names(prefix)
             with self._client.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.lindex(self._history_key(name), 0)
@@ -114,34 +155,56 @@ class RedisStore(AdapterStore):
         # a task deleted between SSCAN and LINDEX has no head
         return {name: json.loads(head)["version"] for name, head in zip(names, heads) if head is not None}
 
+    def histories(self, prefix: str = "") -> dict[str, list[VersionRecord]]:
+        with self._failures_as_unavailable("histories"):
+            names = self._task_names(prefix)
+            with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.lrange(self._history_key(name), 0, -1)
+                entries = pipe.execute()
+        return {name: [VersionRecord(**json.loads(e)) for e in history]
+                for name, history in zip(names, entries) if history}
+
     def rollback(self, task: str, version: str | None = None) -> str:
         check_task_name(task)
 
         def change(pipe) -> tuple[str, Callable | None]:
-            history = [VersionRecord(**json.loads(e)) for e in pipe.lrange(self._history_key(task), 0, -1)]
+            history = self._read_history(pipe, task)
             target = rollback_target(task, history, version)
             record = VersionRecord(target.version, target.kind, target.num_bytes, created_at=time.time())
-            return target.version, lambda pipe: self._push(pipe, task, record)
+            new_history = history_after(record, history, self.max_history)
+            return target.version, lambda pipe: self._replace_history(pipe, task, history, new_history)
 
         with self._failures_as_unavailable("rollback"):
-            return self._transaction(task, "rollback", change)
+            result = self._transaction(task, "rollback", change)
+        self._collect_opportunistically()
+        return result
 
     def delete(self, task: str) -> None:
         check_task_name(task)
 
         def change(pipe) -> tuple[None, Callable]:
-            if not pipe.exists(self._history_key(task)):
+            history = self._read_history(pipe, task)
+            if not history:
                 raise TaskNotFoundError(f"expected task {task!r} in Redis store {self.url} "
                                         f"(namespace {self.namespace!r}), found no such task")
-
-            def write(pipe) -> None:
-                pipe.delete(self._history_key(task))
-                pipe.srem(self._tasks_key, task)
-                pipe.publish(self.channel, _event_json(StoreEvent(task, None)))
-            return None, write
+            return None, lambda pipe: self._replace_history(pipe, task, history, [])
 
         with self._failures_as_unavailable("delete"):
             self._transaction(task, "delete", change)
+        self._collect_opportunistically()
+
+    def collect_garbage(self, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - self.gc_grace_s
+        with self._failures_as_unavailable("collect_garbage"):
+            if not self._refs_built:
+                self._build_refs()
+            num_deleted, num_seen = 0, _GC_BATCH
+            while num_seen == _GC_BATCH:  # a full batch: there may be more
+                num_seen, batch_deleted = self._collect_script(
+                    keys=[self._orphans_key], args=[repr(cutoff), _GC_BATCH, f"{self.namespace}:"], client=self._client)
+                num_deleted += batch_deleted
+            return num_deleted
 
     def subscribe(self, callback: Callable[[StoreEvent], None]) -> Callable[[], None]:
         """Callbacks run on this store's one listener thread, inline: keep them short."""
@@ -164,24 +227,80 @@ class RedisStore(AdapterStore):
     def _history_key(self, task: str) -> str:
         return f"{self.namespace}:history:{task}"
 
+    def _refs_key(self, version: str) -> str:
+        return f"{self.namespace}:refs:{version}"
+
+    def _task_names(self, prefix: str) -> list[str]:
+        # Filter in Python rather than with SSCAN MATCH: task names may hold glob characters.
+        names = [name.decode() for name in self._client.sscan_iter(self._tasks_key, count=1000)]
+        return [name for name in names if name.startswith(prefix)]
+
+    def _read_history(self, client, task: str) -> list[VersionRecord]:
+        return [VersionRecord(**json.loads(e)) for e in client.lrange(self._history_key(task), 0, -1)]
+
     def _write_blob(self, version: str, data: bytes) -> None:
         key = self._blob_key(version)
-        if not self._client.set(key, data, nx=True) and blob_version(self._client.get(key) or b"") != version:
+        with self._client.pipeline(transaction=False) as pipe:
+            # Recorded first: if this client dies before its transaction, the blob is still collected.
+            pipe.zadd(self._orphans_key, {version: time.time()}, gt=True)
+            pipe.set(key, data, nx=True)
+            _, written = pipe.execute()
+        if not written and blob_version(self._client.get(key) or b"") != version:
             self._client.set(key, data)  # a damaged blob (StoreCorruptError on get) is rewritten by a re-put
 
-    def _push(self, pipe, task: str, record: VersionRecord) -> None:
-        pipe.lpush(self._history_key(task), json.dumps(asdict(record)))
-        pipe.ltrim(self._history_key(task), 0, MAX_HISTORY - 1)
-        pipe.sadd(self._tasks_key, task)
-        pipe.publish(self.channel, _event_json(StoreEvent(task, record.version)))
+    def _replace_history(self, pipe, task: str, old: list[VersionRecord], new: list[VersionRecord]) -> None:
+        """Queue (in MULTI) the writes that make `new` the task's history ([] deletes the task)."""
+        key = self._history_key(task)
+        if new:
+            # `new` is history_after(...) of `old`, which the WATCH guarantees is what the list holds.
+            pipe.lpush(key, json.dumps(asdict(new[0])))
+            pipe.ltrim(key, 0, len(new) - 1)
+            pipe.sadd(self._tasks_key, task)
+        else:
+            pipe.delete(key)
+            pipe.srem(self._tasks_key, task)
+        old_versions, new_versions = {r.version for r in old}, {r.version for r in new}
+        for version in new_versions - old_versions:
+            pipe.sadd(self._refs_key(version), task)
+        orphaned = old_versions - new_versions
+        for version in orphaned:
+            pipe.srem(self._refs_key(version), task)
+        if orphaned:
+            pipe.zadd(self._orphans_key, dict.fromkeys(orphaned, time.time()), gt=True)
+        pipe.publish(self.channel, _event_json(StoreEvent(task, new[0].version if new else None)))
 
-    def _transaction(self, task: str, operation: str, change: Callable):
+    def _build_refs(self) -> None:
+        """Stores written before garbage collection have no refs:* keys, so their blobs would look
+        unreferenced: add every history's versions once (idempotent, so racing clients are harmless; a
+        version a concurrent change drops keeps a stale member, which leaks its blob, never loses one)."""
+        if not self._client.exists(self._refs_built_key):
+            names = self._task_names("")
+            with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.lrange(self._history_key(name), 0, -1)
+                entries = pipe.execute()
+            with self._client.pipeline(transaction=False) as pipe:
+                for name, history in zip(names, entries):
+                    for version in {json.loads(e)["version"] for e in history}:
+                        pipe.sadd(self._refs_key(version), name)
+                pipe.set(self._refs_built_key, 1)
+                pipe.execute()
+        self._refs_built = True
+
+    def _collect_opportunistically(self) -> None:
+        # The change has committed: a failed collection must not fail it (the orphans wait for a later one).
+        try:
+            self.collect_garbage()
+        except StoreUnavailableError as e:
+            logger.warning("collecting garbage failed; the orphan blobs stay for a later collection: %s", e)
+
+    def _transaction(self, task: str, operation: str, change: Callable, also_watch: tuple[str, ...] = ()):
         """Read under WATCH, then write in MULTI/EXEC; retry if another client changed the task meanwhile.
         `change(pipe)` reads and returns (result, write(pipe) or None when there is nothing to write)."""
         with self._client.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_WATCH_ATTEMPTS):
                 try:
-                    pipe.watch(self._history_key(task))
+                    pipe.watch(self._history_key(task), *also_watch)
                     result, write = change(pipe)
                     if write is None:
                         pipe.unwatch()

@@ -2,19 +2,29 @@
 
 A store holds bytes only; callers validate artifacts (`decode_artifact`) before `put`. Every
 change (put, rollback, delete) is published as a `StoreEvent` to subscribers, which is how every
-engine replica learns that a task has a new version (hot swap)."""
+engine replica learns that a task has a new version (hot swap).
+
+Retention: each task's history keeps its newest `max_history` entries; a blob is referenced while any
+task's history holds its version (two tasks may hold the same bytes). A blob that stops being
+referenced (its entry falls out of a history, or its task is deleted) is recorded as an orphan with
+the time, and `collect_garbage` deletes it once it has stayed unreferenced for `gc_grace_s`: a
+request that pinned the version at arrival, on any replica, still finds the bytes when it fetches
+them later. Stores collect opportunistically on every change, so no extra process is needed."""
 
 from __future__ import annotations
 
 import abc
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prefixserve.errors import InvalidRequestError, TaskNotFoundError
+from prefixserve.errors import ConfigError, InvalidRequestError, TaskNotFoundError
 
-MAX_HISTORY = 32  # entries kept per task; older versions' blobs stay (no GC yet)
+DEFAULT_MAX_HISTORY = 8  # entries a task retains (its rollback targets); what falls out is collected
+# An orphan blob outlives this. It must exceed the longest a request may take from pinning a version to
+# fetching it (the server's request limit, 600 s by default, includes the wait for a slot) plus event lag.
+DEFAULT_GC_GRACE_S = 1800.0
 MAX_TASK_NAME_CHARS = 256
 _VERSION_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -38,10 +48,14 @@ class StoreEvent:
 class AdapterStore(abc.ABC):
     """Implementations: LocalStore (a directory, the embedded default) and RedisStore (replicas)."""
 
+    max_history: int  # history entries each task retains
+    gc_grace_s: float  # how long a blob stays after its version left the last history that held it
+
     @abc.abstractmethod
     def put(self, task: str, data: bytes, kind: str) -> str:
         """Store the bytes (content-addressed) and make them the task's current version, atomically:
-        readers see the old or the new version, never a broken one. Returns the version.
+        readers see the old or the new version, never a broken one. Returns the version. The history
+        keeps the newest `max_history` entries (`history_after`); versions that fall out become orphans.
         Putting the version that is already current changes nothing (no history entry, no event).
         InvalidRequestError for an empty or unprintable task name, empty bytes or an empty kind."""
 
@@ -51,8 +65,9 @@ class AdapterStore(abc.ABC):
 
     @abc.abstractmethod
     def get(self, version: str) -> bytes:
-        """The artifact bytes of a version; TaskNotFoundError if no such blob, InvalidRequestError if
-        `version` is not a sha256 hex digest, StoreCorruptError if the bytes no longer match it."""
+        """The artifact bytes of a version; TaskNotFoundError if no such blob (never stored, or collected
+        `gc_grace_s` after it left every history), InvalidRequestError if `version` is not a sha256 hex
+        digest, StoreCorruptError if the bytes no longer match it."""
 
     @abc.abstractmethod
     def history(self, task: str) -> list[VersionRecord]:
@@ -63,6 +78,16 @@ class AdapterStore(abc.ABC):
         """task -> current version, for tasks whose name starts with prefix."""
 
     @abc.abstractmethod
+    def histories(self, prefix: str = "") -> dict[str, list[VersionRecord]]:
+        """task -> history (newest first), for tasks whose name starts with prefix."""
+
+    def retained_bytes(self, prefix: str = "") -> int:
+        """What the tasks whose name starts with prefix keep in the store: the bytes of the distinct
+        versions their histories retain (old versions count until they fall out of the history or the
+        task is deleted; bytes two of these tasks share count once)."""
+        return sum(retained_versions(self.histories(prefix).values()).values())
+
+    @abc.abstractmethod
     def rollback(self, task: str, version: str | None = None) -> str:
         """Make an earlier version current again and return it. Default: the newest history entry that
         differs from the current version. The history gains a new entry for it, so history[0] is always
@@ -71,8 +96,16 @@ class AdapterStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task: str) -> None:
-        """Remove the task and its history (blobs stay: other tasks or running requests may use them);
-        subscribers get StoreEvent(task, None). TaskNotFoundError for an unknown task."""
+        """Remove the task and its history; its versions become orphans (their blobs stay for
+        `gc_grace_s`, or for as long as another task's history holds them), and subscribers get
+        StoreEvent(task, None). TaskNotFoundError for an unknown task."""
+
+    @abc.abstractmethod
+    def collect_garbage(self, now: float | None = None) -> int:
+        """Delete the blobs that no task's history references and that have been orphans for at least
+        `gc_grace_s` as of `now` (unix time; default: the present). Atomic against every client's puts:
+        a version put again meanwhile is referenced and kept. Returns the number of blobs deleted.
+        put, rollback and delete call it too, so a store stays bounded without anyone calling it."""
 
     @abc.abstractmethod
     def subscribe(self, callback: Callable[[StoreEvent], None]) -> Callable[[], None]:
@@ -87,6 +120,26 @@ def blob_version(data: bytes) -> str:
     """sha256 hex of the bytes: the same as format.artifact_version, which is not imported here
     because format.py pulls in torch and a store must be cheap to import (CLI, crash-test writer)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def check_retention(max_history: object, gc_grace_s: object) -> tuple[int, float]:
+    """The constructor arguments every store takes; ConfigError unless sensible."""
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ConfigError(f"expected max_history to be a positive number of history entries, found {max_history!r}")
+    if isinstance(gc_grace_s, bool) or not isinstance(gc_grace_s, int | float) or not 0 <= gc_grace_s < float("inf"):
+        raise ConfigError(f"expected gc_grace_s to be a finite number of seconds >= 0, found {gc_grace_s!r}")
+    return max_history, float(gc_grace_s)
+
+
+def history_after(record: VersionRecord, history: list[VersionRecord], max_history: int) -> list[VersionRecord]:
+    """A task's history once `record` is made current: it, then the newest max_history - 1 older entries.
+    Shared by both stores and the quota check, so what a quota counts is what a store keeps."""
+    return [record, *history[:max_history - 1]]
+
+
+def retained_versions(histories: Iterable[list[VersionRecord]]) -> dict[str, int]:
+    """version -> num_bytes of the distinct versions these histories hold."""
+    return {record.version: record.num_bytes for history in histories for record in history}
 
 
 def check_task_name(task: object) -> str:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, File, UploadFile
 from pydantic import BaseModel, Field
 
 from prefixserve.adapters_store.peft_import import import_peft
+from prefixserve.adapters_store.store import blob_version
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.errors import PayloadTooLargeError, TaskNotFoundError
 from prefixserve.server import auth
@@ -57,7 +58,9 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
             data = await asyncio.to_thread(import_peft, data, arch=sync.backbone.arch,
                                            fingerprint=sync.adapters.fingerprint, limits=limits,
                                            dtype=sync.runner.dtype)
-        await asyncio.to_thread(check_store_quota, caller, sync.store, engine_task, len(data))
+        # A version the tenant already retains (the same bytes under another task) adds no bytes.
+        await asyncio.to_thread(lambda: check_store_quota(caller, sync.store, engine_task, len(data),
+                                                          blob_version(data)))
         # Validated in full (every derived value, in the engine's dtype) and compiled before it is stored:
         # a refused version is never left as the task's current one.
         artifact = await engine.register_adapter(engine_task, data)

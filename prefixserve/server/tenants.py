@@ -30,13 +30,13 @@ _MAX_WATCH_RETRIES = 16
 
 @dataclass(frozen=True)
 class TenantLimits:
-    """None = unlimited. Rates are per replica (each replica meters what it serves)."""
+    """None = unlimited. Rates are metered per replica, or across all replicas when they share a Redis."""
 
     requests_per_min: int | None = None
     tokens_per_min: int | None = None  # prompt + generated tokens
     max_concurrent: int | None = None
     max_tasks: int | None = None
-    max_task_bytes: int | None = None  # sum of the tenant's tasks' current artifact sizes
+    max_task_bytes: int | None = None  # distinct versions the tenant's task histories retain, in bytes
 
     def __post_init__(self):
         for name, value in asdict(self).items():

@@ -154,7 +154,7 @@ def test_task_count_and_bytes_limits_store_nothing(server, admin):
         assert [t["task"] for t in gina.get("/v1/tasks").json()["tasks"]] == ["one"]
     with new_tenant(admin, "hank", limits={"max_task_bytes": len(data) + 10}) as hank:
         assert upload(hank, "one", data).status_code == 201
-        assert upload(hank, "two", data).status_code == 429
+        assert upload(hank, "two", artifact(server, 5)).status_code == 429
         assert hank.get("/v1/tasks/two").status_code == 404
 
 

@@ -1,5 +1,7 @@
 """LocalStore survives SIGKILL at any point: every task is left at its old or its new version, and
-every version a task file names has a complete blob whose sha256 matches."""
+every version a task file names has a complete blob whose sha256 matches. The writer collects garbage
+on every change (a history of 2, no grace period), so kills also land inside collections: none may
+delete a referenced blob, and what a kill leaves unreferenced a later collection removes."""
 
 import hashlib
 import os
@@ -31,7 +33,7 @@ from prefixserve.errors import InvalidRequestError, TaskNotFoundError
 def log(*words):  # one write per line (print writes word by word): a kill cuts at most the last line
     os.write(1, (" ".join(words) + "\\n").encode())
 
-store, rng = LocalStore(Path(sys.argv[1])), random.Random(int(sys.argv[2]))
+store, rng = LocalStore(Path(sys.argv[1]), max_history=2, gc_grace_s=0), random.Random(int(sys.argv[2]))
 tasks = sys.argv[3].split(",")
 log("ready")
 while True:
@@ -127,3 +129,6 @@ def test_sigkill_at_random_points_leaves_old_or_new_version(tmp_path):
     assert num_mid_operation >= NUM_KILLS // 2, f"expected most kills mid-operation, found {num_mid_operation}"
     assert time.monotonic() - start < 40
     assert len(os.listdir(root / "tasks")) >= 1
+    LocalStore(root, gc_grace_s=0).collect_garbage()
+    stored = {p.name for p in (root / "blobs").glob("*/*") if not p.name.endswith(".tmp")}
+    assert stored == set().union(*histories.values()), "expected only referenced blobs after a collection"

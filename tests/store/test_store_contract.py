@@ -1,6 +1,8 @@
 """The AdapterStore contract, run against LocalStore and RedisStore alike."""
 
+import contextlib
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -14,16 +16,24 @@ from store_cases import valid_parts
 from prefixserve.adapters_store import artifact_version, encode_artifact
 from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.redis_store import RedisStore
-from prefixserve.adapters_store.store import MAX_HISTORY, AdapterStore, StoreEvent
-from prefixserve.errors import InvalidRequestError, StoreCorruptError, StoreUnavailableError, TaskNotFoundError
+from prefixserve.adapters_store.store import DEFAULT_MAX_HISTORY, AdapterStore, StoreEvent
+from prefixserve.errors import (
+    ConfigError,
+    InvalidRequestError,
+    StoreCorruptError,
+    StoreUnavailableError,
+    TaskNotFoundError,
+)
 
 UNKNOWN_VERSION = "0" * 64
 
 
 @dataclass
 class Backend:
-    make: Callable[[], AdapterStore]  # another client of the same store (same root / same namespace)
+    # another client of the same store (same root / same namespace); options: max_history, gc_grace_s
+    make: Callable[..., AdapterStore]
     corrupt: Callable[[str], None]  # overwrite a version's blob with other bytes
+    stored_versions: Callable[[], set[str]]  # the versions that have a blob, looked at directly
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -32,25 +42,32 @@ def backend(request, tmp_path):
     if request.param == "local":
         root = tmp_path / "store"
 
-        def make():
-            return LocalStore(root)
+        def make(**options):
+            return LocalStore(root, **options)
 
         def corrupt(version):
             (root / "blobs" / version[:2] / version).write_bytes(b"bit rot")
+
+        def stored_versions():
+            return {p.name for p in (root / "blobs").glob("*/*") if not p.name.endswith(".tmp")}
     else:
         url, namespace = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_namespace")
 
-        def make():
-            return RedisStore(url, namespace=namespace)
+        def make(**options):
+            return RedisStore(url, namespace=namespace, **options)
 
         def corrupt(version):
             with redis.Redis.from_url(url) as client:
                 client.set(f"{namespace}:blob:{version}", b"bit rot")
 
-    def tracked():
-        stores.append(make())
+        def stored_versions():
+            with redis.Redis.from_url(url) as client:
+                return {key.decode().rsplit(":", 1)[1] for key in client.scan_iter(f"{namespace}:blob:*")}
+
+    def tracked(**options):
+        stores.append(make(**options))
         return stores[-1]
-    yield Backend(tracked, corrupt)
+    yield Backend(tracked, corrupt, stored_versions)
     for store in stores:
         store.close()
 
@@ -84,12 +101,13 @@ def test_put_current_get_round_trip(store):
 
 
 def test_history_is_newest_first_and_capped(store):
-    versions = [store.put("t", payload(i), "lora") for i in range(MAX_HISTORY + 3)]
+    assert store.max_history == DEFAULT_MAX_HISTORY == 8
+    versions = [store.put("t", payload(i), "lora") for i in range(DEFAULT_MAX_HISTORY + 3)]
     history = store.history("t")
-    assert [r.version for r in history] == versions[::-1][:MAX_HISTORY]
-    assert [r.num_bytes for r in history] == [len(payload(i)) for i in range(MAX_HISTORY + 3)][::-1][:MAX_HISTORY]
+    assert [r.version for r in history] == versions[::-1][:DEFAULT_MAX_HISTORY]
+    assert [r.num_bytes for r in history] == [len(payload(i)) for i in range(11)][::-1][:DEFAULT_MAX_HISTORY]
     assert all(a.created_at >= b.created_at for a, b in zip(history, history[1:]))
-    assert store.get(versions[0]) == payload(0)  # fell off the history, blob kept
+    assert store.get(versions[0]) == payload(0)  # fell off the history, blob kept for the grace period
 
 
 def test_list_tasks_by_prefix_and_odd_names(store):
@@ -213,8 +231,8 @@ def test_slow_or_failing_subscriber_blocks_no_writer(store):
 
 
 def test_concurrent_puts_to_one_task_lose_no_history(backend):
-    num_threads, puts_each = 4, 6  # 24 entries <= MAX_HISTORY: every one must stay
-    stores = [backend.make() for _ in range(num_threads)]  # one client each, as replicas would be
+    num_threads, puts_each = 4, 6  # 24 entries <= max_history: every one must stay
+    stores = [backend.make(max_history=24) for _ in range(num_threads)]  # one client each, as replicas would be
     barrier = threading.Barrier(num_threads)
     errors = []
 
@@ -266,4 +284,188 @@ def test_redis_unreachable_is_a_503_naming_url_and_operation():
         store.put("t", b"x", "prompt")
     assert "secret" not in e.value.message and time.monotonic() - start < 2
     assert StoreUnavailableError.status_code == 503
+    store.close()
+
+
+# --- retention: bounded histories, garbage-collected blobs ---
+
+GRACE_S = 60.0
+
+
+def after_grace() -> float:
+    return time.time() + GRACE_S + 1
+
+
+def test_history_is_bounded_at_max_history(backend):
+    store = backend.make(max_history=3)
+    versions = [store.put("t", payload(i), "prompt") for i in range(5)]
+    assert [r.version for r in store.history("t")] == versions[:1:-1]
+    with pytest.raises(TaskNotFoundError, match=f"expected version {versions[1]} in the history of task 't'"):
+        store.rollback("t", versions[1])  # fell out of the history: no longer a rollback target
+    assert store.rollback("t") == versions[3]
+    assert [r.version for r in store.history("t")] == [versions[3], versions[4], versions[3]]
+    assert store.histories() == {"t": store.history("t")}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_history": 0}, "expected max_history to be a positive number of history entries, found 0"),
+    ({"max_history": True}, "max_history .* found True"),
+    ({"gc_grace_s": -1}, "expected gc_grace_s to be a finite number of seconds >= 0, found -1"),
+    ({"gc_grace_s": float("inf")}, "gc_grace_s .* found inf"),
+])
+def test_retention_options_are_validated(backend, options, message):
+    with pytest.raises(ConfigError, match=message):
+        backend.make(**options)
+
+
+def test_a_blob_out_of_every_history_is_collected_after_the_grace_period(backend):
+    store = backend.make(max_history=2, gc_grace_s=GRACE_S)
+    v0, v1, v2 = (store.put("t", payload(i), "prompt") for i in range(3))
+    assert store.collect_garbage() == 0  # v0 is an orphan, not yet for long enough
+    assert store.get(v0) == payload(0)  # a request that pinned it a moment ago still finds it
+    assert store.collect_garbage(now=after_grace()) == 1
+    with pytest.raises(TaskNotFoundError, match=f"expected artifact version {v0}"):
+        store.get(v0)
+    assert backend.stored_versions() == {v1, v2}
+    assert [store.get(v1), store.get(v2)] == [payload(1), payload(2)]
+    assert store.collect_garbage(now=after_grace()) == 0
+
+
+def test_a_blob_another_task_still_holds_survives(backend):
+    store = backend.make(max_history=1, gc_grace_s=GRACE_S)
+    shared = store.put("a", payload(1), "prompt")
+    assert store.put("b", payload(1), "prompt") == shared
+    store.put("a", payload(2), "prompt")  # shared leaves a's history; b's still holds it
+    assert store.collect_garbage(now=after_grace()) == 0
+    assert store.get(shared) == payload(1)
+    store.delete("b")
+    assert store.collect_garbage(now=after_grace()) == 1
+    with pytest.raises(TaskNotFoundError):
+        store.get(shared)
+
+
+def test_a_blob_put_again_during_the_grace_period_survives(backend):
+    store = backend.make(max_history=1, gc_grace_s=GRACE_S)
+    v1 = store.put("a", payload(1), "prompt")
+    v2 = store.put("a", payload(2), "prompt")  # v1 is an orphan ...
+    assert store.put("a", payload(1), "prompt") == v1  # ... until it is uploaded again; now v2 is one
+    assert store.collect_garbage(now=after_grace()) == 1
+    assert store.get(v1) == payload(1) and backend.stored_versions() == {v1}
+    with pytest.raises(TaskNotFoundError, match=f"expected artifact version {v2}"):
+        store.get(v2)
+
+
+def test_the_grace_period_counts_from_when_a_blob_last_lost_its_reference(backend):
+    store = backend.make(max_history=1, gc_grace_s=GRACE_S)
+    v1 = store.put("a", payload(1), "prompt")
+    store.put("a", payload(2), "prompt")  # v1 orphaned ...
+    store.put("b", payload(1), "prompt")  # ... referenced again ...
+    between = time.time()
+    time.sleep(0.02)
+    store.delete("b")  # ... and orphaned again, later
+    assert store.collect_garbage(now=between + GRACE_S) == 0
+    assert store.get(v1) == payload(1)
+    assert store.collect_garbage(now=after_grace()) == 1
+    assert backend.stored_versions() == {store.current("a")}
+
+
+def test_deleting_a_task_orphans_its_blobs(backend):
+    store = backend.make(gc_grace_s=GRACE_S)
+    v1, v2 = store.put("t", payload(1), "prompt"), store.put("t", payload(2), "prompt")
+    kept = store.put("other", payload(3), "prompt")
+    store.delete("t")
+    assert store.collect_garbage() == 0  # within the grace period: requests that pinned them still find them
+    assert [store.get(v1), store.get(v2)] == [payload(1), payload(2)]
+    assert store.collect_garbage(now=after_grace()) == 2
+    for version in (v1, v2):
+        with pytest.raises(TaskNotFoundError, match=f"expected artifact version {version}"):
+            store.get(version)
+    assert backend.stored_versions() == {kept}
+
+
+def test_puts_and_deletes_collect_without_being_asked(backend):
+    store = backend.make(max_history=2, gc_grace_s=0)
+    versions = [store.put("t", payload(i), "prompt") for i in range(6)]
+    assert backend.stored_versions() == set(versions[-2:])
+    store.delete("t")
+    assert backend.stored_versions() == set()
+
+
+def test_retained_bytes_counts_each_retained_version_once(backend):
+    store = backend.make(max_history=2)
+    for i in range(3):
+        store.put("acme/a", payload(i), "prompt")  # retains payloads 2 and 1
+    store.put("acme/b", payload(2), "prompt")  # the same bytes as a's current version: counted once
+    store.put("acmex/c", payload(3), "prompt")
+    assert store.retained_bytes("acme/") == len(payload(1)) + len(payload(2))
+    assert store.retained_bytes() == len(payload(1)) + len(payload(2)) + len(payload(3))
+    assert store.retained_bytes("nobody/") == 0
+    assert sorted(store.histories("acme/")) == ["acme/a", "acme/b"]
+    store.delete("acme/a")
+    assert store.retained_bytes("acme/") == len(payload(2))  # retained, not stored: the blob waits for GC
+
+
+def test_two_clients_putting_and_collecting_never_delete_a_referenced_blob(backend):
+    clients = [backend.make(max_history=2, gc_grace_s=0) for _ in range(2)]
+    tasks, pool = ["a", "b", "c"], [payload(i) for i in range(5)]  # few payloads: tasks share versions
+    barrier, errors = threading.Barrier(len(clients)), []
+
+    def work(n):
+        rng = random.Random(n)
+        barrier.wait()
+        try:
+            for _ in range(150):
+                task = rng.choice(tasks)
+                if rng.random() < 0.15:
+                    with contextlib.suppress(TaskNotFoundError):
+                        clients[n].delete(task)
+                else:
+                    clients[n].put(task, rng.choice(pool), "prompt")
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    referenced = {r.version for history in clients[0].histories().values() for r in history}
+    for version in referenced:
+        assert clients[1].get(version) in pool  # every retained version still has its bytes
+    clients[0].collect_garbage()
+    assert backend.stored_versions() == referenced  # and nothing else is left: the references were exact
+
+
+def test_redis_collection_between_a_puts_blob_write_and_its_commit_keeps_the_blob(redis_url, redis_namespace):
+    """The one window LocalStore does not have (it holds its lock throughout): another replica collects
+    the blob after this put found it present and before the put commits a reference to it."""
+    writer, collector = (RedisStore(redis_url, namespace=redis_namespace, max_history=1, gc_grace_s=GRACE_S)
+                         for _ in range(2))
+    v1 = writer.put("a", payload(1), "prompt")
+    writer.put("a", payload(2), "prompt")  # v1 is an orphan
+    write_blob = writer._write_blob
+
+    def write_blob_then_collect(version, data):
+        write_blob(version, data)  # finds the blob present
+        assert collector.collect_garbage(now=after_grace()) == 1  # and the collector deletes it
+    writer._write_blob = write_blob_then_collect
+    assert writer.put("b", payload(1), "prompt") == v1
+    assert writer.get(v1) == payload(1)
+    writer.close()
+    collector.close()
+
+
+def test_redis_store_written_before_gc_keeps_the_blobs_its_histories_hold(redis_url, redis_namespace):
+    """Histories put before garbage collection existed have no refs:* sets: the first collection must
+    build them, or a version two tasks share would look unreferenced once one task drops it."""
+    store = RedisStore(redis_url, namespace=redis_namespace, max_history=1, gc_grace_s=GRACE_S)
+    shared = store.put("a", payload(1), "prompt")
+    store.put("b", payload(1), "prompt")
+    with redis.Redis.from_url(redis_url) as client:  # as an older prefixserve left it
+        client.delete(*client.keys(f"{redis_namespace}:refs*"))
+    store.close()
+    store = RedisStore(redis_url, namespace=redis_namespace, max_history=1, gc_grace_s=GRACE_S)
+    store.put("a", payload(2), "prompt")  # shared leaves a's history; b's still holds it
+    assert store.collect_garbage(now=after_grace()) == 0
+    assert store.get(shared) == payload(1)
     store.close()
