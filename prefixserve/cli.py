@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from prefixserve.adapters_store.store import DEFAULT_GC_GRACE_S, DEFAULT_MAX_HISTORY
 from prefixserve.config import (
     EMBEDDED_BACKBONE,
     AdapterLimits,
@@ -15,6 +16,8 @@ from prefixserve.config import (
     ModelConfig,
     SchedulerConfig,
 )
+from prefixserve.errors import ConfigError
+from prefixserve.server.body_rate import DEFAULT_GRACE_S, DEFAULT_MIN_BYTES_PER_S
 
 DEFAULT_TENANTS_FILE = "~/.local/share/prefixserve/tenants.json"
 # Every environment variable the CLI reads -> what it sets (docs, Docker files and their test use it).
@@ -48,6 +51,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-dir", default=env("PREFIXSERVE_STORE_DIR", "~/.local/share/prefixserve/adapters",
                                                    "the local adapter store without Redis (--store-dir)"),
                         help="the local adapter store when no Redis URL is given")
+    parser.add_argument("--task-history", type=int, default=DEFAULT_MAX_HISTORY,
+                        help="versions the store keeps per task (rollback targets; they count against a "
+                             "tenant's max_task_bytes); older ones are garbage-collected")
+    parser.add_argument("--blob-gc-grace", type=float, default=DEFAULT_GC_GRACE_S,
+                        help="seconds a version nothing retains stays in the store before it is deleted: longer "
+                             "than --request-timeout, so a request that pinned it on any replica still finds it")
     parser.add_argument("--host-cache-mb", type=int, default=EngineConfig.host_cache_bytes >> 20,
                         help="decoded adapters kept in host memory")
     parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots,
@@ -80,10 +89,23 @@ def adapter_store(args: argparse.Namespace):
     if args.redis_url:
         from prefixserve.adapters_store.redis_store import RedisStore
 
-        return RedisStore(args.redis_url)
+        return RedisStore(args.redis_url, max_history=args.task_history, gc_grace_s=args.blob_gc_grace)
     from prefixserve.adapters_store.local_store import LocalStore
 
-    return LocalStore(Path(args.store_dir).expanduser())
+    return LocalStore(Path(args.store_dir).expanduser(), max_history=args.task_history,
+                      gc_grace_s=args.blob_gc_grace)
+
+
+def quota_manager(args: argparse.Namespace):
+    """Tenants' rate limits metered in the Redis of --redis-url when one is given (replicas share one
+    budget per tenant), else in this process. A concurrency slot's lease outlasts the request time limit."""
+    from prefixserve.server.quotas import QuotaManager
+
+    if not args.redis_url:
+        return QuotaManager()
+    from prefixserve.server.redis_quotas import SLOT_LEASE_GRACE_S, RedisTenantMeter
+
+    return QuotaManager(RedisTenantMeter(args.redis_url, slot_lease_s=args.request_timeout + SLOT_LEASE_GRACE_S))
 
 
 def load_adapters(engine, specs: list[str]) -> None:
@@ -163,13 +185,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     auth = authenticator(args)
     check_exposure(args.host, auth.enabled)
+    if args.blob_gc_grace <= args.request_timeout:
+        raise ConfigError(f"--blob-gc-grace ({args.blob_gc_grace:g} s) must be longer than --request-timeout "
+                          f"({args.request_timeout:g} s): a request may fetch the version it pinned until it ends")
     sync_engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(sync_engine, args.adapter)
     engine = AsyncEngine(sync_engine)
     jobs = make_queue(args)
     try:
-        uvicorn.run(create_app(engine, args.request_timeout, auth, jobs), host=args.host, port=args.port,
-                    log_level="info")
+        app = create_app(engine, args.request_timeout, auth, jobs, quotas=quota_manager(args),
+                         min_body_bytes_per_s=args.min_body_rate, body_grace_s=args.body_grace)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         engine.shutdown()
         sync_engine.close()
@@ -230,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=float(env("PREFIXSERVE_REQUEST_TIMEOUT", "600", "seconds a generation may run "
                                          "(--request-timeout)")),
                        help="seconds a generation request may run before it is stopped (504)")
+    serve.add_argument("--min-body-rate", type=float, default=DEFAULT_MIN_BYTES_PER_S,
+                       help="bytes/s a request body (an upload) must arrive at on average after --body-grace; a "
+                            "slower one is dropped with a 408")
+    serve.add_argument("--body-grace", type=float, default=DEFAULT_GRACE_S,
+                       help="seconds a request body may take before --min-body-rate applies")
     serve.add_argument("--admin-key", default=env("PREFIXSERVE_ADMIN_KEY", None, "the admin API key; turns API keys "
                                                   "on (--admin-key)"),
                        help="the key of the admin API (/v1/admin: tenants, limits, keys); turns API keys on")

@@ -81,6 +81,14 @@ class RequestTimeoutError(PrefixServeError):
     code = "timeout"
 
 
+class BodyTooSlowError(InvalidRequestError):
+    """A request body arrived slower than the server's minimum rate (a stalled or slow-loris upload
+    would otherwise hold a connection and its handler for as long as it likes)."""
+
+    status_code = 408
+    code = "body_too_slow"
+
+
 class NotAvailableError(PrefixServeError):
     """The endpoint exists in the API but this server cannot serve it yet."""
 

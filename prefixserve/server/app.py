@@ -18,6 +18,7 @@ from prefixserve.errors import PrefixServeError
 from prefixserve.server.admin_routes import admin_router
 from prefixserve.server.auth import Authenticator, Caller, metrics_reader
 from prefixserve.server.auth import caller as auth_caller
+from prefixserve.server.body_rate import DEFAULT_GRACE_S, DEFAULT_MIN_BYTES_PER_S, MinimumBodyRate
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.deadline import with_deadline
 from prefixserve.server.disconnect import with_cancellation
@@ -39,18 +40,23 @@ from prefixserve.training.queue import JobQueue
 
 
 def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Authenticator | None = None,
-               job_queue: JobQueue | None = None) -> FastAPI:
+               job_queue: JobQueue | None = None, quotas: QuotaManager | None = None,
+               min_body_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S, body_grace_s: float = DEFAULT_GRACE_S
+               ) -> FastAPI:
     """`request_timeout_s` bounds every generation request (a 504 after it; the request is aborted).
     `auth` None: no API keys, every caller is tenant "default" (the CLI then binds loopback only).
-    `job_queue` None: the training endpoints answer 501."""
+    `job_queue` None: the training endpoints answer 501. `quotas` None: tenants' rate limits are
+    metered in this process only (the CLI passes a Redis-backed one when replicas share a Redis).
+    A request body must arrive at `min_body_bytes_per_s` on average after `body_grace_s` (a 408 otherwise)."""
     app = FastAPI(title="prefixserve", version="0.1.0")
+    app.add_middleware(MinimumBodyRate, min_bytes_per_s=min_body_bytes_per_s, grace_s=body_grace_s)
     app.state.engine = engine
     app.state.auth = auth = auth or Authenticator()
     install_error_handlers(app)
     store = engine.engine.store
     backbone = engine.engine.backbone
     metrics = ServerMetrics(engine.engine)
-    quotas = QuotaManager()
+    quotas = quotas if quotas is not None else QuotaManager()
 
     def serve(caller: Caller, task: str | None, prompt: str | None, params: SamplingParams,
               prompt_ids: list[int] | None, request_id: str) -> AsyncIterator[RequestOutput]:

@@ -32,8 +32,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, exc.code, message, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown routes, wrong methods, bodies the framework cannot parse: the same error shape."""
+        if isinstance(exc.__cause__, PrefixServeError):  # FastAPI wraps what reading the body raised (a 408)
+            return await _typed(request, exc.__cause__)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return error_response(exc.status_code, kind, _unparsable_body(exc) or str(exc.detail), exc.headers)
 
