@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.routing import APIRoute
 
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.errors import (
@@ -23,6 +25,7 @@ from prefixserve.server.auth import Caller
 from prefixserve.server.protocol import error_responses
 from prefixserve.server.quotas import check_job_task_quota
 from prefixserve.server.tenancy import tenant_task
+from prefixserve.server.training_protocol import TrainingJob, TrainingJobList, TrainingJobRequest
 from prefixserve.training.queue import MAX_LIST_LIMIT, JobQueue, JobRecord, not_found
 from prefixserve.training.spec import parse_job_spec
 
@@ -35,8 +38,10 @@ _UNFINISHED_RETRY_AFTER_S = 60.0  # a slot frees when one of the tenant's jobs f
 
 def training_router(queue: JobQueue | None, backbone_name: str, store: AdapterStore) -> APIRouter:
     """`store` is read for the tenant's task count (max_tasks) before a job that creates a task is queued."""
-    router = APIRouter(prefix="/v1/training/jobs", tags=["training"],
-                       responses=error_responses(400, 401, 403, 404, 413, 429, 501, 503))
+    # A spec's body is read by JobSpecRoute (bounded, with a spec's messages for bad JSON); a body without a
+    # Content-Type is still read as JSON, as clients of this route have always sent it.
+    router = APIRouter(prefix="/v1/training/jobs", tags=["training"], route_class=JobSpecRoute,
+                       strict_content_type=False, responses=error_responses(400, 401, 403, 404, 429, 501, 503))
     # Counting a tenant's jobs and queueing one more is one step per replica, so concurrent submissions
     # cannot both take the last slot (across replicas, the check can overshoot by one job per replica).
     submitting = asyncio.Lock()
@@ -46,26 +51,25 @@ def training_router(queue: JobQueue | None, backbone_name: str, store: AdapterSt
             raise NotAvailableError("this server has no training job queue configured")
         return queue
 
-    @router.post("", status_code=201)
-    async def submit(request: Request, caller: Caller = Depends(auth.caller)) -> JSONResponse:
-        """Queue a training job (JSON job spec: task, kind, examples | suite_task, hyperparameters,
-        eval_examples | eval_fraction, seed, sources). A worker (`prefixserve worker`) trains it and
-        publishes the task; poll GET /v1/training/jobs/{id} for progress."""
-        raw = await _json_body(request)
-        spec = parse_job_spec(namespaced(raw, caller.tenant, backbone_name))
+    @router.post("", status_code=201, responses=error_responses(413))
+    async def submit(body: TrainingJobRequest, caller: Caller = Depends(auth.caller)) -> TrainingJob:
+        """Queue a training job. A worker (`prefixserve worker`) trains it and publishes the task; poll
+        GET /v1/training/jobs/{id} for progress."""
+        spec = parse_job_spec(namespaced(body.submitted(), caller.tenant, backbone_name))
         _check_suite_tasks(spec)
         async with submitting:
             await asyncio.to_thread(_check_tenant_limits, jobs(), store, caller, spec.task)
             record = await asyncio.to_thread(jobs().submit, spec, caller.tenant)
-        return JSONResponse(public(record, caller.tenant), status_code=201)
+        return public(record, caller.tenant)
 
     @router.get("")
-    async def list_jobs(caller: Caller = Depends(auth.caller)) -> dict:
+    async def list_jobs(caller: Caller = Depends(auth.caller)) -> TrainingJobList:
+        """This tenant's jobs, newest first."""
         records = await asyncio.to_thread(jobs().list_jobs, caller.tenant)
-        return {"jobs": [public(r, caller.tenant) for r in records]}
+        return TrainingJobList(jobs=[public(r, caller.tenant) for r in records])
 
     @router.get("/{job_id}")
-    async def show(job_id: str, caller: Caller = Depends(auth.caller)) -> dict:
+    async def show(job_id: str, caller: Caller = Depends(auth.caller)) -> TrainingJob:
         """Status, attempts, latest progress (step, loss, ETA, eval metrics), final metrics, version, error."""
         record = await asyncio.to_thread(jobs().get, job_id)
         if record.tenant != caller.tenant:  # another tenant's job is answered as a missing one
@@ -75,10 +79,8 @@ def training_router(queue: JobQueue | None, backbone_name: str, store: AdapterSt
     return router
 
 
-def namespaced(raw: object, tenant: str, backbone_name: str) -> object:
+def namespaced(raw: dict[str, Any], tenant: str, backbone_name: str) -> dict[str, Any]:
     """The spec with every task name it holds mapped into the tenant's namespace."""
-    if not isinstance(raw, dict):
-        return raw
     spec = dict(raw)
 
     def task_name(value: object, field: str) -> object:
@@ -100,13 +102,13 @@ def namespaced(raw: object, tenant: str, backbone_name: str) -> object:
     return spec
 
 
-def public(record: JobRecord, tenant: str) -> dict:
+def public(record: JobRecord, tenant: str) -> TrainingJob:
     """The record as the tenant sees it: its own task names, no worker internals."""
     data = record.to_dict()
     data["task"] = data["task"].removeprefix(f"{tenant}/")
     data.pop("worker_id", None)
     data.pop("publishing_at", None)
-    return data
+    return TrainingJob.model_validate(data)
 
 
 def _check_tenant_limits(queue: JobQueue, store: AdapterStore, caller: Caller, engine_task: str) -> None:
@@ -136,7 +138,45 @@ def _check_suite_tasks(spec) -> None:
         raise TrainingDataError(f"expected suite tasks among {list(TASK_NAMES)}, found {unknown}")
 
 
-async def _json_body(request: Request) -> object:
+class JobSpecRoute(APIRoute):
+    """A route whose JSON body is read here before FastAPI validates it: at most MAX_JOB_BODY_BYTES (413
+    past them, never holding more) and parsed with a job spec's messages, for invalid JSON and for JSON
+    nested too deeply to parse, which FastAPI would answer with a bare "error parsing the body"."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        if self.body_field is None:
+            return handle
+
+        async def read_spec_first(request: Request) -> Response:
+            spec_request = _JobSpecRequest(request.scope, request.receive)
+            await spec_request.json()  # a 413 or 400 before validation; FastAPI then reads what it read
+            return await handle(spec_request)
+
+        return read_spec_first
+
+
+_UNREAD = object()
+
+
+class _JobSpecRequest(Request):
+    """A request whose body and JSON are read once, by `_bounded_body` and `_parse_spec_json`."""
+
+    _spec_body: bytes | None = None
+    _spec_json: Any = _UNREAD
+
+    async def body(self) -> bytes:
+        if self._spec_body is None:
+            self._spec_body = await _bounded_body(self)
+        return self._spec_body
+
+    async def json(self) -> Any:
+        if self._spec_json is _UNREAD:
+            self._spec_json = _parse_spec_json(await self.body())
+        return self._spec_json
+
+
+async def _bounded_body(request: Request) -> bytes:
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -144,8 +184,12 @@ async def _json_body(request: Request) -> object:
             raise PayloadTooLargeError(f"training job specs are limited to {MAX_JOB_BODY_BYTES} bytes; this one is "
                                        f"larger (use a suite task, or fewer examples)")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_spec_json(body: bytes) -> Any:
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
     except ValueError as exc:
         raise InvalidRequestError(f"expected a JSON job spec, found invalid JSON: {exc}") from None
     except RecursionError:  # json.loads recurses once per nesting level; a spec is a few levels deep

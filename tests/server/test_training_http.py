@@ -9,7 +9,9 @@ from prefixserve.adapters_store.format import encode_artifact
 from prefixserve.errors import TrainingDataError
 from prefixserve.server.auth import Authenticator
 from prefixserve.server.tenants import FileTenantRegistry, TenantLimits
+from prefixserve.server.training_protocol import TrainingHyperparameters, TrainingJobRequest
 from prefixserve.server.training_routes import MAX_JOB_BODY_BYTES, MAX_UNFINISHED_JOBS_PER_TENANT
+from prefixserve.training.spec import ProgressEvent, parse_job_spec
 from prefixserve.training.sqlite_queue import SqliteJobQueue
 
 pytestmark = pytest.mark.slow
@@ -144,6 +146,100 @@ def test_a_tenant_can_have_only_so_many_unfinished_jobs(limited):
             claim = queue.claim("test-worker")
         queue.fail(claim, TrainingDataError("stopped by the test"))
         assert eve.post("/v1/training/jobs", json={**JOB, "task": "one-more"}).status_code == 201
+
+
+def test_a_spec_is_strictly_typed_and_a_body_without_content_type_is_still_json(limited):
+    server, keys, queue = limited
+    cases = [
+        ({**JOB, "hyperparameters": {"steps": "5"}}, "hyperparameters.steps: Input should be a valid integer"),
+        ({**JOB, "hyperparameters": {"steps": 5.0}}, "hyperparameters.steps: Input should be a valid integer"),
+        ({**JOB, "seed": True}, "seed: Input should be a valid integer"),
+        ({**JOB, "eval_fraction": "0.2"}, "eval_fraction: Input should be a valid number"),
+        ({**JOB, "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({**JOB, "hyperparameters": {"stepz": 5}}, "hyperparameters.stepz: Extra inputs are not permitted"),
+        ({**JOB, "examples": ["great -> positive"]}, "examples.0: Input should be a valid dictionary"),
+        ({"kind": "prompt", "suite_task": "made_up_color"}, "task: Field required"),
+    ]
+    with client(server, keys, "fay") as fay:
+        before = len(queue.list_jobs("fay"))
+        for body, message in cases:
+            resp = fay.post("/v1/training/jobs", json=body)
+            assert resp.status_code == 400 and resp.json()["error"]["message"] == message, (body, resp.text)
+        assert len(queue.list_jobs("fay")) == before
+        bare = fay.post("/v1/training/jobs", content=httpx.Request("POST", "/", json=JOB).content)
+        assert bare.status_code == 201, bare.text  # how clients of this route have always been able to send it
+
+
+def test_the_specs_the_openapi_schema_shows_as_examples_are_queued(limited):
+    server, keys, queue = limited
+    examples = TrainingJobRequest.model_json_schema()["examples"]
+    with client(server, keys, "fay") as fay:
+        for example in examples:
+            resp = fay.post("/v1/training/jobs", json=example)
+            assert resp.status_code == 201 and resp.json()["task"] == example["task"], resp.text
+            assert queue.get(resp.json()["id"]).task == f"fay/{example['task']}"
+
+
+def test_a_running_then_failed_job_reads_back_with_progress_metrics_and_error(limited):
+    server, keys, queue = limited
+    with client(server, keys, "fay") as fay:
+        job = fay.post("/v1/training/jobs", json={**JOB, "task": "read-back"}).json()
+        claim = queue.claim("test-worker")
+        while claim.record.id != job["id"]:  # older jobs of other tests come first
+            claim = queue.claim("test-worker")
+        queue.progress(claim, ProgressEvent(step=2, total_steps=5, loss=float("nan"), eta_s=1.5,
+                                            eval_metrics={"exact_match": 0.5}))
+        queue.publishing(claim, "ab" * 32, {"train_loss": 0.25, "exact_match": 1.0})
+        running = fay.get(f"/v1/training/jobs/{job['id']}")
+        assert running.status_code == 200, running.text
+        assert running.json() == {**job, "status": "running", "started_at": running.json()["started_at"],
+                                  "attempts": 1, "version": "ab" * 32,
+                                  "progress": {"step": 2, "total_steps": 5, "loss": None, "eta_s": 1.5,
+                                               "eval_metrics": {"exact_match": 0.5}},
+                                  "metrics": {"train_loss": 0.25, "exact_match": 1.0}}  # no worker internals
+        queue.fail(claim, TrainingDataError("examples[3]: too long for max_length 128"))
+        failed = [j for j in fay.get("/v1/training/jobs").json()["jobs"] if j["id"] == job["id"]]
+        assert failed[0]["status"] == "failed" and failed[0]["version"] is None
+        assert failed[0]["error"] == {"type": "invalid_training_data",
+                                      "message": "examples[3]: too long for max_length 128"}
+
+
+def _documented(model, name: str) -> dict:
+    schema = model.model_json_schema()["properties"][name]
+    return next((branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"), schema)
+
+
+@pytest.mark.parametrize("name", [n for n, f in TrainingHyperparameters.model_fields.items()
+                                  if "minimum" in _documented(TrainingHyperparameters, n)
+                                  and _documented(TrainingHyperparameters, n)["type"] == "integer"])
+def test_the_documented_range_of_a_hyperparameter_is_the_one_parse_job_spec_enforces(name):
+    documented = _documented(TrainingHyperparameters, name)
+    low, high = documented["minimum"], documented["maximum"]
+    spec = {**JOB, "task": "t/colors"}
+    for value in (low, high):
+        assert getattr(parse_job_spec({**spec, "hyperparameters": {name: value}}).hyperparameters, name) == value
+    for value in (low - 1, high + 1):
+        with pytest.raises(TrainingDataError, match=f"hyperparameters.{name}"):
+            parse_job_spec({**spec, "hyperparameters": {name: value}})
+
+
+@pytest.mark.parametrize("model, name", [(TrainingJobRequest, "kind"), (TrainingHyperparameters, "init"),
+                                         (TrainingHyperparameters, "encoder")])
+def test_the_documented_names_of_a_field_are_the_ones_parse_job_spec_accepts(model, name):
+    spec = {**JOB, "task": "t/colors", "hyperparameters": {"subspace": "t/sub"}}
+
+    def with_value(value: str) -> dict:
+        if model is TrainingHyperparameters:
+            return {**spec, "hyperparameters": {**spec["hyperparameters"], name: value}}
+        if value == "subspace":  # a subspace job learns from its sources only
+            return {**spec, name: value, "suite_task": None,
+                    "sources": [{"task": "t/a", "suite_task": "made_up_color"}]}
+        return {**spec, name: value}
+
+    for value in _documented(model, name)["enum"]:
+        parse_job_spec(with_value(value))
+    with pytest.raises(TrainingDataError, match=name):
+        parse_job_spec(with_value("undocumented"))
 
 
 def test_the_sdk_submits_and_reads_jobs(server, keys):
