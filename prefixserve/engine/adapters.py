@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BASE_TASK = "base"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$")
+MAX_TASK_NAME_CHARS = 200  # of the engine's "<tenant>/<task>"
+TASK_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"  # what a tenant may call a task (the engine adds "<tenant>/")
+_TASK_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:/-]{{0,{MAX_TASK_NAME_CHARS - 1}}}$")
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.lora_a$")
 _SUBSPACE_NOT_SERVABLE = ("task {task!r} is an IPT subspace (a shared decoder), not servable itself; serve an "
                           "intrinsic task that points at it")
@@ -192,7 +194,8 @@ class AdapterManager:
         artifact = upload.artifact
         try:
             with self._pointer_lock:
-                self.store.put(task, upload.data, artifact.kind)
+                self.store.put(task, upload.data, artifact.kind, requires=(artifact.config["subspace_version"],)
+                               if artifact.kind == "intrinsic" else ())  # its subspace's blob is kept with it
                 previous = self._tasks.get(task)
                 self._tasks[task] = artifact.version
         except BaseException:

@@ -4,11 +4,13 @@ configured (the tenants work of the HTTP issue), every caller is the default ten
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
-from prefixserve.adapters_store.store import MAX_TASK_NAME_CHARS
-from prefixserve.engine.adapters import BASE_TASK
+from prefixserve.engine.adapters import BASE_TASK, MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
 from prefixserve.errors import InvalidRequestError
+
+_TASK_NAME = re.compile(TASK_NAME_PATTERN)
 
 DEFAULT_TENANT = "default"
 
@@ -18,10 +20,13 @@ def tenant_task(tenant: str, task: str | None, backbone_name: str) -> str | None
     if task is None or task in (BASE_TASK, backbone_name):
         return None
     if "/" in task:
-        raise InvalidRequestError(f"task names may not contain '/', found {task!r}")
-    max_chars = MAX_TASK_NAME_CHARS - len(tenant) - 1  # the store's limit covers "<tenant>/<task>"
-    if not 0 < len(task) <= max_chars or not task.isprintable():
-        raise InvalidRequestError(f"expected a task name of 1..{max_chars} printable characters, found {task!r:.80}")
+        raise InvalidRequestError(f"task names may not contain '/', found {task!r:.80}")
+    # Checked here, as the engine will, so nothing (an upload, a training job that would train for
+    # minutes and then fail to publish) gets past the API with a name the engine refuses.
+    max_chars = MAX_TASK_NAME_CHARS - len(tenant) - 1  # the engine's limit covers "<tenant>/<task>"
+    if not 0 < len(task) <= max_chars or not _TASK_NAME.match(task):
+        raise InvalidRequestError(f"expected a task name of 1..{max_chars} letters, digits and ._:- starting with a "
+                                  f"letter or digit, found {task!r:.80}")
     return f"{tenant}/{task}"
 
 

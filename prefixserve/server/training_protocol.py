@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
-from prefixserve.adapters_store.store import MAX_TASK_NAME_CHARS
+from prefixserve.engine.adapters import MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
 from prefixserve.server.protocol import SEED, ErrorBody, accepts
 from prefixserve.training.queue import JobStatus
 from prefixserve.training.spec import (
@@ -25,7 +25,7 @@ from prefixserve.training.spec import (
 )
 
 _DEFAULTS = Hyperparameters()
-_TASK = {"type": "string", "minLength": 1, "maxLength": MAX_TASK_NAME_CHARS, "pattern": "^[^/]*$"}
+_TASK = {"type": "string", "minLength": 1, "maxLength": MAX_TASK_NAME_CHARS, "pattern": TASK_NAME_PATTERN}
 _TEXT = {"type": "string", "maxLength": MAX_EXAMPLE_CHARS}
 _MESSAGE = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
             "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": _TEXT}}

@@ -71,6 +71,9 @@ def test_bad_specs_are_400s_that_say_what_is_wrong(server, keys, queue):
         ({"task": "x", "kind": "prompt", "examples": [{"input": "a"}]}, "examples[0]"),
         ({"task": "x", "kind": "prompt", "examples": []}, "training data"),
         ({**JOB, "task": "other/colors"}, "'/'"),
+        # A name the engine would refuse at publish, after minutes of training: refused before it is queued.
+        ({**JOB, "task": "my colors"}, "letters, digits and ._:-"),
+        ({**JOB, "task": ".hidden"}, "starting with a letter or digit"),
         ({**JOB, "kind": "intrinsic"}, "hyperparameters.subspace"),
     ]
     with client(server, keys, "ben") as ben:
