@@ -14,8 +14,8 @@ Garbage collection runs under the same flock, so no put can reference a blob whi
 A change records the versions it will orphan (and a blob it is about to add) in orphans.json BEFORE it
 writes blob and task file: a crash in between leaves a record the collector checks, never an unrecorded
 blob. The collector reads every task file (the truth, no index to drift) but only when some record is
-older than gc_grace_s, deletes the blobs of those no history references, and drops their records; one
-it cannot read makes it delete nothing.
+older than gc_grace_s, deletes the blobs of those no history references (as an entry's version or as one
+an entry requires), and drops their records; one it cannot read makes it delete nothing.
 
 Events of this process's changes reach subscribers at once (every LocalStore on the same root shares one
 notifier); changes made by other processes on the same directory (a `prefixserve worker` publishing a
@@ -36,7 +36,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -52,6 +52,8 @@ from prefixserve.adapters_store.store import (
     check_task_name,
     check_version,
     history_after,
+    missing_requirement_error,
+    referenced_versions,
     rollback_target,
 )
 from prefixserve.errors import InvalidRequestError, StoreCorruptError, TaskNotFoundError
@@ -225,19 +227,23 @@ class LocalStore(AdapterStore):
                                                                    self._tasks)
         self._unsubscribes: list[Callable[[], None]] = []
 
-    def put(self, task: str, data: bytes, kind: str) -> str:
-        data = check_put_args(task, data, kind)
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
+        data, requires = check_put_args(task, data, kind, requires)
         version = blob_version(data)
-        with self._locked():
+        with self._locked():  # the collector takes it too: a required blob found here stays until we commit
+            missing = [required for required in requires if not self._blob_path(required).exists()]
+            if missing:
+                raise missing_requirement_error(task, missing)
             history = self._read_history(task)
-            if history and history[0].version == version:
+            if history and history[0].version == version and history[0].requires == requires:
                 self._write_blob(version, data)  # a damaged blob is rewritten by a re-put
                 return version
             now = time.time()
-            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=now)
+            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=now, requires=requires)
             new_history = history_after(record, history, self.max_history)
             new_blob = [] if self._blob_path(version).exists() else [version]
-            orphans = self._record_orphans((_versions(history) - _versions(new_history)) | set(new_blob), now)
+            orphaned = referenced_versions(history) - referenced_versions(new_history)
+            orphans = self._record_orphans(orphaned | set(new_blob), now)
             self._write_blob(version, data)  # before the task file points at it
             self._write_history(task, new_history)
             self._notifier.publish(StoreEvent(task, version))  # under the lock: events keep write order
@@ -267,7 +273,8 @@ class LocalStore(AdapterStore):
         return {state["task"]: state["history"][0]["version"] for state in self._task_states(prefix)}
 
     def histories(self, prefix: str = "") -> dict[str, list[VersionRecord]]:
-        return {state["task"]: [VersionRecord(**r) for r in state["history"]] for state in self._task_states(prefix)}
+        return {state["task"]: [VersionRecord.from_json(r) for r in state["history"]]
+                for state in self._task_states(prefix)}
 
     def rollback(self, task: str, version: str | None = None) -> str:
         check_task_name(task)
@@ -275,9 +282,8 @@ class LocalStore(AdapterStore):
             history = self._read_history(task)
             target = rollback_target(task, history, version)
             now = time.time()
-            new_history = history_after(VersionRecord(target.version, target.kind, target.num_bytes, now), history,
-                                        self.max_history)
-            orphans = self._record_orphans(_versions(history) - _versions(new_history), now)
+            new_history = history_after(replace(target, created_at=now), history, self.max_history)  # keeps requires
+            orphans = self._record_orphans(referenced_versions(history) - referenced_versions(new_history), now)
             self._write_history(task, new_history)
             self._notifier.publish(StoreEvent(task, target.version))
             self._collect_opportunistically(orphans)
@@ -287,7 +293,7 @@ class LocalStore(AdapterStore):
         path = self._task_path(check_task_name(task))
         with self._locked(), self._notifier.own_write(path, task):
             try:
-                orphaned = _versions(self._read_history(task))
+                orphaned = referenced_versions(self._read_history(task))
                 if not orphaned:
                     raise TaskNotFoundError(f"expected task {task!r} in the store, found no such task")
             except StoreCorruptError:  # its versions cannot be known: they leak rather than risk a loss
@@ -330,7 +336,7 @@ class LocalStore(AdapterStore):
             return 0  # the common case costs one small file read
         referenced = set()
         for state in self._task_states():
-            referenced |= {record["version"] for record in state["history"]}
+            referenced |= referenced_versions(VersionRecord.from_json(record) for record in state["history"])
         num_deleted, touched = 0, set()
         for version in expired:
             del orphans[version]  # referenced again: a new record comes when it next leaves a history
@@ -408,10 +414,10 @@ class LocalStore(AdapterStore):
             state = _read_json(self._task_path(task))
         except FileNotFoundError:
             return []
-        return [VersionRecord(**record) for record in state["history"]]
+        return [VersionRecord.from_json(record) for record in state["history"]]
 
     def _write_history(self, task: str, history: list[VersionRecord]) -> None:
-        state = {"task": task, "history": [asdict(record) for record in history]}
+        state = {"task": task, "history": [record.to_json() for record in history]}
         path = self._task_path(task)
         with self._notifier.own_write(path, task):
             _write_atomic(path, json.dumps(state, indent=1).encode())
@@ -430,10 +436,6 @@ class LocalStore(AdapterStore):
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
-
-
-def _versions(history: list[VersionRecord]) -> set[str]:
-    return {record.version for record in history}
 
 
 def _read_json(path: Path) -> dict:

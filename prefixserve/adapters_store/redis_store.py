@@ -4,7 +4,7 @@ Keys (ns = namespace):
     {ns}:blob:{version}   artifact bytes, written once (SET NX)
     {ns}:history:{task}   list of JSON VersionRecords, newest first, capped at max_history; head = current
     {ns}:tasks            set of task names (list_tasks SSCANs it; never KEYS)
-    {ns}:refs:{version}   set of the tasks whose history holds the version; no key = unreferenced
+    {ns}:refs:{version}   set of the tasks whose history holds the version or an entry requiring it; none = unreferenced
     {ns}:orphans          sorted set of versions that may be unreferenced, scored by when they became so
     {ns}:refs-built       present once refs:* covers every history (stores made before GC had none)
     {ns}:events           pub/sub channel of JSON StoreEvents
@@ -12,10 +12,12 @@ Keys (ns = namespace):
 A put writes the blob first, then changes history, task set, refs, orphans and PUBLISH in one MULTI/EXEC
 under WATCH of the history key, so readers see the old or the new version and an event is published
 exactly when the change commits. A change adds the task to refs:{v} of each version its history gains and
-removes it (and scores v in orphans) for each it loses; members are task names, so two clients changing
-different tasks never conflict and the sets stay exact. A put also scores its version in orphans before
-writing the blob (a crash before the transaction leaves a collectable blob), and watches the blob key: if
-the collector deleted it after the SET NX, the transaction aborts and the retry writes the blob with it.
+removes it (and scores v in orphans) for each it loses, where a history holds its entries' versions and the
+versions they require; members are task names, so two clients changing different tasks never conflict and
+the sets stay exact. A put also scores its version in orphans before writing the blob (a crash before the
+transaction leaves a collectable blob), and watches the blob key: if the collector deleted it after the
+SET NX, the transaction aborts and the retry writes the blob with it. It watches the blobs it requires too,
+having found them present under the watch, so one collected meanwhile aborts it and the retry refuses.
 The collector is one Lua script (atomic): an orphan scored at least gc_grace_s ago whose refs:{v} is
 empty loses its blob; every expired orphan loses its record (a referenced one is scored again when it
 next leaves a history). Scores are each client's clock: keep replicas' clocks within a fraction of it.
@@ -31,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -51,6 +53,8 @@ from prefixserve.adapters_store.store import (
     check_task_name,
     check_version,
     history_after,
+    missing_requirement_error,
+    referenced_versions,
     rollback_target,
 )
 from prefixserve.errors import ConfigError, StoreCorruptError, StoreUnavailableError, TaskNotFoundError
@@ -101,14 +105,17 @@ class RedisStore(AdapterStore):
         self._collect_script = self._client.register_script(_COLLECT_LUA)
         self._events = _EventListener(url, self.channel, socket_timeout, snapshot=self.list_tasks)
 
-    def put(self, task: str, data: bytes, kind: str) -> str:
-        data = check_put_args(task, data, kind)
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
+        data, requires = check_put_args(task, data, kind, requires)
         version = blob_version(data)
-        record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=time.time())
+        record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=time.time(),
+                               requires=requires)
+        required_keys = tuple(self._blob_key(required) for required in requires)
 
         def change(pipe) -> tuple[str, Callable | None]:
+            self._check_required(pipe, task, requires)  # under the watch of their blob keys
             history = self._read_history(pipe, task)
-            if history and history[0].version == version:
+            if history and history[0].version == version and history[0].requires == requires:
                 return version, None  # already current: idempotent, no entry and no event
             blob_missing = not pipe.exists(self._blob_key(version))
 
@@ -119,8 +126,9 @@ class RedisStore(AdapterStore):
             return version, write
 
         with self._failures_as_unavailable("put"):
+            self._check_required(self._client, task, requires)  # a refused put writes no blob either
             self._write_blob(version, data)  # before anything points at it
-            result = self._transaction(task, "put", change, also_watch=(self._blob_key(version),))
+            result = self._transaction(task, "put", change, also_watch=(self._blob_key(version), *required_keys))
         self._collect_opportunistically()
         return result
 
@@ -162,7 +170,7 @@ class RedisStore(AdapterStore):
                 for name in names:
                     pipe.lrange(self._history_key(name), 0, -1)
                 entries = pipe.execute()
-        return {name: [VersionRecord(**json.loads(e)) for e in history]
+        return {name: [VersionRecord.from_json(json.loads(e)) for e in history]
                 for name, history in zip(names, entries) if history}
 
     def rollback(self, task: str, version: str | None = None) -> str:
@@ -171,7 +179,7 @@ class RedisStore(AdapterStore):
         def change(pipe) -> tuple[str, Callable | None]:
             history = self._read_history(pipe, task)
             target = rollback_target(task, history, version)
-            record = VersionRecord(target.version, target.kind, target.num_bytes, created_at=time.time())
+            record = replace(target, created_at=time.time())  # keeps what it requires
             new_history = history_after(record, history, self.max_history)
             return target.version, lambda pipe: self._replace_history(pipe, task, history, new_history)
 
@@ -236,7 +244,13 @@ class RedisStore(AdapterStore):
         return [name for name in names if name.startswith(prefix)]
 
     def _read_history(self, client, task: str) -> list[VersionRecord]:
-        return [VersionRecord(**json.loads(e)) for e in client.lrange(self._history_key(task), 0, -1)]
+        return [VersionRecord.from_json(json.loads(e)) for e in client.lrange(self._history_key(task), 0, -1)]
+
+    def _check_required(self, client, task: str, requires: tuple[str, ...]) -> None:
+        if requires:
+            found = client.exists(*(self._blob_key(required) for required in requires)) == len(requires)
+            if not found:  # the rare refusal: name which ones
+                raise missing_requirement_error(task, [r for r in requires if not client.exists(self._blob_key(r))])
 
     def _write_blob(self, version: str, data: bytes) -> None:
         key = self._blob_key(version)
@@ -253,13 +267,13 @@ class RedisStore(AdapterStore):
         key = self._history_key(task)
         if new:
             # `new` is history_after(...) of `old`, which the WATCH guarantees is what the list holds.
-            pipe.lpush(key, json.dumps(asdict(new[0])))
+            pipe.lpush(key, json.dumps(new[0].to_json()))
             pipe.ltrim(key, 0, len(new) - 1)
             pipe.sadd(self._tasks_key, task)
         else:
             pipe.delete(key)
             pipe.srem(self._tasks_key, task)
-        old_versions, new_versions = {r.version for r in old}, {r.version for r in new}
+        old_versions, new_versions = referenced_versions(old), referenced_versions(new)
         for version in new_versions - old_versions:
             pipe.sadd(self._refs_key(version), task)
         orphaned = old_versions - new_versions
@@ -271,8 +285,9 @@ class RedisStore(AdapterStore):
 
     def _build_refs(self) -> None:
         """Stores written before garbage collection have no refs:* keys, so their blobs would look
-        unreferenced: add every history's versions once (idempotent, so racing clients are harmless; a
-        version a concurrent change drops keeps a stale member, which leaks its blob, never loses one)."""
+        unreferenced: add every history's versions and those its entries require, once (idempotent, so racing
+        clients are harmless; a version a concurrent change drops keeps a stale member, which leaks its blob,
+        never loses one)."""
         if not self._client.exists(self._refs_built_key):
             names = self._task_names("")
             with self._client.pipeline(transaction=False) as pipe:
@@ -281,7 +296,7 @@ class RedisStore(AdapterStore):
                 entries = pipe.execute()
             with self._client.pipeline(transaction=False) as pipe:
                 for name, history in zip(names, entries):
-                    for version in {json.loads(e)["version"] for e in history}:
+                    for version in referenced_versions(VersionRecord.from_json(json.loads(e)) for e in history):
                         pipe.sadd(self._refs_key(version), name)
                 pipe.set(self._refs_built_key, 1)
                 pipe.execute()

@@ -5,9 +5,10 @@ change (put, rollback, delete) is published as a `StoreEvent` to subscribers, wh
 engine replica learns that a task has a new version (hot swap).
 
 Retention: each task's history keeps its newest `max_history` entries; a blob is referenced while any
-task's history holds its version (two tasks may hold the same bytes). A blob that stops being
-referenced (its entry falls out of a history, or its task is deleted) is recorded as an orphan with
-the time, and `collect_garbage` deletes it once it has stayed unreferenced for `gc_grace_s`: a
+task's history holds its version (two tasks may hold the same bytes) or an entry that requires it (an
+intrinsic artifact requires the subspace it is decoded through: `put(..., requires=...)`). A blob that
+stops being referenced (its entry falls out of a history, or its task is deleted) is recorded as an
+orphan with the time, and `collect_garbage` deletes it once it has stayed unreferenced for `gc_grace_s`: a
 request that pinned the version at arrival, on any replica, still finds the bytes when it fetches
 them later. Stores collect opportunistically on every change, so no extra process is needed."""
 
@@ -17,7 +18,7 @@ import abc
 import hashlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from prefixserve.errors import ConfigError, InvalidRequestError, TaskNotFoundError
 
@@ -37,6 +38,24 @@ class VersionRecord:
     kind: str
     num_bytes: int
     created_at: float  # unix time of the put (or rollback) that made it current
+    requires: tuple[str, ...] = ()  # versions this one needs to be served (sorted); referenced like it
+
+    def to_json(self) -> dict:
+        """The record as stored; `requires` only when there is one, so other records keep their old form."""
+        state = asdict(self)
+        if not self.requires:
+            del state["requires"]
+        return state
+
+    @classmethod
+    def from_json(cls, state: dict) -> VersionRecord:
+        """Inverse of to_json; a record written before `requires` existed requires nothing."""
+        return cls(**{**state, "requires": tuple(state.get("requires", ()))})
+
+    @property
+    def referenced(self) -> tuple[str, ...]:
+        """The versions whose blobs this entry keeps: its own and those it requires."""
+        return (self.version, *self.requires)
 
 
 @dataclass(frozen=True)
@@ -52,12 +71,16 @@ class AdapterStore(abc.ABC):
     gc_grace_s: float  # how long a blob stays after its version left the last history that held it
 
     @abc.abstractmethod
-    def put(self, task: str, data: bytes, kind: str) -> str:
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
         """Store the bytes (content-addressed) and make them the task's current version, atomically:
         readers see the old or the new version, never a broken one. Returns the version. The history
         keeps the newest `max_history` entries (`history_after`); versions that fall out become orphans.
-        Putting the version that is already current changes nothing (no history entry, no event).
-        InvalidRequestError for an empty or unprintable task name, empty bytes or an empty kind."""
+        `requires` names stored versions this one cannot be served without (an intrinsic's subspace):
+        their blobs are referenced for as long as an entry of this version that requires them is retained,
+        whatever happens to their own tasks. Putting the version that is already current (with the same
+        requires) changes nothing (no history entry, no event). InvalidRequestError for an empty or
+        unprintable task name, empty bytes, an empty kind or a malformed required version;
+        TaskNotFoundError, storing nothing, when a required version has no blob."""
 
     @abc.abstractmethod
     def current(self, task: str) -> str | None:
@@ -96,9 +119,9 @@ class AdapterStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, task: str) -> None:
-        """Remove the task and its history; its versions become orphans (their blobs stay for
-        `gc_grace_s`, or for as long as another task's history holds them), and subscribers get
-        StoreEvent(task, None). TaskNotFoundError for an unknown task."""
+        """Remove the task and its history; its versions and those they require become orphans (their
+        blobs stay for `gc_grace_s`, or for as long as another task's history holds or requires them), and
+        subscribers get StoreEvent(task, None). TaskNotFoundError for an unknown task."""
 
     @abc.abstractmethod
     def collect_garbage(self, now: float | None = None) -> int:
@@ -142,6 +165,11 @@ def retained_versions(histories: Iterable[list[VersionRecord]]) -> dict[str, int
     return {record.version: record.num_bytes for history in histories for record in history}
 
 
+def referenced_versions(history: Iterable[VersionRecord]) -> set[str]:
+    """The versions whose blobs a task's history keeps: its entries' versions and what they require."""
+    return {version for record in history for version in record.referenced}
+
+
 def check_task_name(task: object) -> str:
     if not isinstance(task, str) or not 0 < len(task) <= MAX_TASK_NAME_CHARS or not task.isprintable():
         raise InvalidRequestError(f"expected a task name of 1..{MAX_TASK_NAME_CHARS} printable characters, "
@@ -157,7 +185,8 @@ def check_version(version: object) -> str:
     return version
 
 
-def check_put_args(task: object, data: object, kind: object) -> bytes:
+def check_put_args(task: object, data: object, kind: object, requires: object = ()) -> tuple[bytes, tuple[str, ...]]:
+    """(the bytes, the required versions sorted and without duplicates) of a valid put."""
     check_task_name(task)
     if not isinstance(kind, str) or not kind:
         raise InvalidRequestError(f"expected a non-empty kind name, found {kind!r:.80}")
@@ -165,7 +194,15 @@ def check_put_args(task: object, data: object, kind: object) -> bytes:
         raise InvalidRequestError(f"expected artifact bytes, found {type(data).__name__}")
     if len(data) == 0:
         raise InvalidRequestError("expected non-empty artifact bytes, found 0 bytes")
-    return bytes(data)
+    if not isinstance(requires, tuple | list):  # a bare version string would read as 64 one-character ones
+        raise InvalidRequestError(f"expected requires to be a tuple of versions, found {type(requires).__name__}")
+    return bytes(data), tuple(sorted({check_version(version) for version in requires}))
+
+
+def missing_requirement_error(task: str, missing: list[str]) -> TaskNotFoundError:
+    """The error of a put whose required versions have no blob (never stored, or collected)."""
+    return TaskNotFoundError(f"expected the versions task {task!r} requires to be stored, found no blob for "
+                             f"{', '.join(missing)}; store them first (nothing was stored)")
 
 
 def rollback_target(task: str, history: list[VersionRecord], version: str | None) -> VersionRecord:

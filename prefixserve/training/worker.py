@@ -5,7 +5,7 @@ visibility timeout (a training step may take longer than a progress report is ap
 or hung worker's job is taken over. Publishing is fenced and recorded:
 
     queue.publishing(claim, version, metrics)   # fenced: fails if another worker took the job over
-    store.put(task, artifact, kind)             # atomic and idempotent in the store
+    store.put(task, artifact, kind, requires)   # atomic and idempotent in the store
     queue.complete(claim, version, metrics)
 
 A worker killed between any two of these lines leaves the job running with its lease lapsing; the
@@ -20,6 +20,7 @@ machine resumes. A job already past training is published and completed before t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -30,7 +31,7 @@ from pathlib import Path
 from prefixserve.adapters_store.store import AdapterStore, blob_version
 from prefixserve.errors import PrefixServeError, StoreUnavailableError
 from prefixserve.training.queue import Claim, ClaimLostError, JobQueue, JobRecord, attempts_exhausted
-from prefixserve.training.spec import ProgressEvent
+from prefixserve.training.spec import ProgressEvent, TrainedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Worker:
                     result = self._run_job(spec, self.backbone, self.store, self._progress_fn(claim, lost), work_dir)
                     version = blob_version(result.artifact)
                     self.queue.publishing(claim, version, result.metrics)
-                    self.store.put(spec.task, result.artifact, result.kind)
+                    self.store.put(spec.task, result.artifact, result.kind, requires=_required_versions(result))
                     self.queue.complete(claim, version, result.metrics)
                     logger.info("job %s: published %s version %s", claim.job_id, spec.task, version[:12])
         except _Stopped:
@@ -163,6 +164,17 @@ def already_published(store: AdapterStore, record: JobRecord) -> bool:
     if store.current(record.task) == record.version:
         return True
     return any(r.version == record.version and r.created_at >= record.publishing_at for r in store.history(record.task))
+
+
+def _required_versions(result: TrainedAdapter) -> tuple[str, ...]:
+    """The stored versions the trained artifact cannot be served without, which the store must keep with it:
+    an intrinsic's subspace, as its config names it (run_job has validated the artifact)."""
+    if result.kind != "intrinsic":
+        return ()
+    from prefixserve.adapters_store.format import read_safetensors_header  # torch: only when publishing one
+
+    metadata, _ = read_safetensors_header(result.artifact)
+    return (json.loads(metadata["config"])["subspace_version"],)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,11 @@ class GatedStore(LocalStore):
         super().__init__(root)
         self.writing, self.gate = threading.Event(), threading.Event()
 
-    def put(self, task, data, kind):
+    def put(self, task, data, kind, requires=()):
         self.writing.set()
         if not self.gate.wait(60):
             raise TimeoutError("the test never opened the gate")
-        return super().put(task, data, kind)
+        return super().put(task, data, kind, requires)
 
 
 def prompt_artifact(engine, seed: int) -> bytes:

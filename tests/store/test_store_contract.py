@@ -469,3 +469,182 @@ def test_redis_store_written_before_gc_keeps_the_blobs_its_histories_hold(redis_
     assert store.collect_garbage(now=after_grace()) == 0
     assert store.get(shared) == payload(1)
     store.close()
+
+
+# --- requires: an intrinsic's subspace stays while a retained entry needs it ---
+
+def put_subspace_and_intrinsic(store: AdapterStore) -> tuple[str, str]:
+    subspace = store.put("acme/space", payload(1), "subspace")
+    return subspace, store.put("acme/ipt", payload(2), "intrinsic", requires=(subspace,))
+
+
+@pytest.mark.parametrize("subspace_leaves", ["deleted", "retrained"])
+def test_a_required_blob_outlives_its_own_task(backend, subspace_leaves):
+    store = backend.make(max_history=2, gc_grace_s=GRACE_S)
+    subspace, intrinsic = put_subspace_and_intrinsic(store)
+    if subspace_leaves == "deleted":
+        store.delete("acme/space")
+    else:
+        retrained = [store.put("acme/space", payload(i), "subspace") for i in (3, 4)]
+        assert [r.version for r in store.history("acme/space")] == retrained[::-1]
+    assert store.collect_garbage(now=after_grace()) == 0
+    assert store.get(subspace) == payload(1)  # the intrinsic task's next cold load still finds its decoder
+    assert store.history("acme/ipt")[0].requires == (subspace,)
+    assert store.get(intrinsic) == payload(2)
+
+
+@pytest.mark.parametrize("intrinsic_leaves", ["deleted", "retrained"])
+def test_a_required_blob_is_collected_once_no_retained_entry_requires_it(backend, intrinsic_leaves):
+    store = backend.make(max_history=2, gc_grace_s=GRACE_S)
+    subspace, intrinsic = put_subspace_and_intrinsic(store)
+    store.delete("acme/space")
+    kept = set()
+    if intrinsic_leaves == "deleted":
+        store.delete("acme/ipt")
+    else:
+        kept.add(store.put("acme/ipt", payload(3), "intrinsic"))  # the old entry, a rollback target, still requires it
+        assert store.collect_garbage(now=after_grace()) == 0
+        kept.add(store.put("acme/ipt", payload(4), "intrinsic"))  # now it falls out of the history
+    assert store.collect_garbage() == 0  # within the grace period
+    assert store.get(subspace) == payload(1)
+    assert store.collect_garbage(now=after_grace()) == 2  # the subspace and the intrinsic version
+    for version in (subspace, intrinsic):
+        with pytest.raises(TaskNotFoundError, match=f"expected artifact version {version}"):
+            store.get(version)
+    assert backend.stored_versions() == kept
+
+
+def test_requires_naming_a_version_not_stored_is_refused_storing_nothing(backend):
+    store = backend.make(gc_grace_s=GRACE_S)
+    existing = store.put("acme/ipt", payload(1), "intrinsic")
+    before = store.history("acme/ipt")
+    for task in ("acme/ipt", "acme/new"):
+        with pytest.raises(TaskNotFoundError, match=f"expected the versions task {task!r} requires to be stored, "
+                                                     f"found no blob for {UNKNOWN_VERSION};"):
+            store.put(task, payload(2), "intrinsic", requires=(existing, UNKNOWN_VERSION))
+    assert store.history("acme/ipt") == before and store.list_tasks() == {"acme/ipt": existing}
+    assert backend.stored_versions() == {existing}
+    gone = store.put("acme/space", payload(3), "subspace")
+    store.delete("acme/space")
+    assert store.collect_garbage(now=after_grace()) == 1
+    with pytest.raises(TaskNotFoundError, match=f"found no blob for {gone}"):  # collected: no longer stored
+        store.put("acme/ipt", payload(2), "intrinsic", requires=(gone,))
+    assert store.history("acme/ipt") == before and backend.stored_versions() == {existing}
+
+
+@pytest.mark.parametrize("requires, message", [
+    (("v1",), "expected a version as a 64-character lower-case sha256 hex digest, found 'v1'"),
+    ("ab" * 32, "expected requires to be a tuple of versions, found str"),
+])
+def test_malformed_requires_are_refused(store, requires, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        store.put("acme/ipt", payload(1), "intrinsic", requires=requires)
+    assert store.list_tasks() == {}
+
+
+def test_requires_persist_through_rollback_and_reopening(backend):
+    store = backend.make(max_history=3, gc_grace_s=GRACE_S)
+    subspace, intrinsic = put_subspace_and_intrinsic(store)
+    plain = store.put("acme/ipt", payload(3), "intrinsic")
+    assert store.rollback("acme/ipt") == intrinsic
+    reopened = backend.make(max_history=3, gc_grace_s=GRACE_S)  # a new client: what was persisted
+    assert [(r.version, r.requires) for r in reopened.history("acme/ipt")] == [
+        (intrinsic, (subspace,)), (plain, ()), (intrinsic, (subspace,))]
+    assert reopened.histories() == {"acme/space": reopened.history("acme/space"),
+                                    "acme/ipt": reopened.history("acme/ipt")}
+    reopened.delete("acme/space")
+    for i in (4, 5):
+        reopened.put("acme/ipt", payload(i), "intrinsic")  # only the rollback's entry still requires it
+    assert reopened.collect_garbage(now=after_grace()) == 1  # `plain` fell out; the subspace stays
+    assert reopened.get(subspace) == payload(1)
+    assert reopened.rollback("acme/ipt", intrinsic) == intrinsic
+    assert reopened.history("acme/ipt")[0].requires == (subspace,)
+
+
+def test_reputting_the_current_version_with_its_requirement_records_it(backend):
+    """Versions put before `requires` existed require nothing: re-putting the same bytes with their
+    requirement is a new entry (it protects the subspace), not an idempotent no-op."""
+    store = backend.make(gc_grace_s=GRACE_S)
+    subspace = store.put("acme/space", payload(1), "subspace")
+    intrinsic = store.put("acme/ipt", payload(2), "intrinsic")
+    assert store.put("acme/ipt", payload(2), "intrinsic", requires=(subspace,)) == intrinsic
+    assert [r.requires for r in store.history("acme/ipt")] == [(subspace,), ()]
+    assert store.put("acme/ipt", payload(2), "intrinsic", requires=(subspace,)) == intrinsic
+    assert len(store.history("acme/ipt")) == 2  # now it is idempotent
+    store.delete("acme/space")
+    assert store.collect_garbage(now=after_grace()) == 0 and store.get(subspace) == payload(1)
+
+
+def test_two_clients_putting_with_requires_never_delete_a_required_blob(backend):
+    clients = [backend.make(max_history=2, gc_grace_s=0) for _ in range(2)]
+    intrinsics = [payload(i) for i in range(10, 14)]  # few: tasks share versions
+    stored = {artifact_version(data): data for data in intrinsics}  # version -> bytes, of every put
+    recent_subspaces, num_required = [], []  # fresh subspace bytes every time: a lost blob is never re-put
+    barrier, errors = threading.Barrier(len(clients)), []
+
+    def work(n):
+        rng = random.Random(n)
+        barrier.wait()
+        try:
+            for i in range(150):
+                task = rng.choice(["space", "ipt-a", "ipt-b"])
+                with contextlib.suppress(TaskNotFoundError):  # deleted already, or its subspace collected
+                    if rng.random() < 0.15:
+                        clients[n].delete(task)
+                    elif task == "space" or not recent_subspaces:
+                        data = payload(1000 * n + i) + os.urandom(8)
+                        stored[artifact_version(data)] = data
+                        recent_subspaces.append(clients[n].put("space", data, "subspace"))
+                    else:
+                        clients[n].put(task, rng.choice(intrinsics), "intrinsic",
+                                       requires=(rng.choice(recent_subspaces[-3:]),))
+                        num_required.append(task)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(num_required) > 20  # puts with requires landed, not only refusals
+    for i in range(2):  # the subspace task moves on: what the intrinsic tasks require is theirs alone to keep
+        data = payload(5000 + i) + os.urandom(8)
+        stored[clients[0].put("space", data, "subspace")] = data
+    histories = clients[0].histories().values()
+    referenced = {version for history in histories for r in history for version in (r.version, *r.requires)}
+    for version in referenced:
+        assert clients[1].get(version) == stored[version]  # every retained or required version has its bytes
+    clients[0].collect_garbage()
+    assert backend.stored_versions() == referenced  # and nothing else: the references were exact
+
+
+def test_redis_refs_rebuild_includes_required_versions(redis_url, redis_namespace):
+    store = RedisStore(redis_url, namespace=redis_namespace, gc_grace_s=GRACE_S)
+    subspace, _ = put_subspace_and_intrinsic(store)
+    with redis.Redis.from_url(redis_url) as client:  # refs never built, as by a store from before GC
+        client.delete(*client.keys(f"{redis_namespace}:refs*"))
+    store.close()
+    store = RedisStore(redis_url, namespace=redis_namespace, gc_grace_s=GRACE_S)
+    store.delete("acme/space")  # its collection builds the refs first
+    assert store.collect_garbage(now=after_grace()) == 0
+    assert store.get(subspace) == payload(1)
+    store.close()
+
+
+def test_redis_collection_of_a_required_blob_during_a_put_refuses_the_put(redis_url, redis_namespace):
+    """Another replica collects the required blob after this put found it present: the put must see that
+    in its transaction and refuse, not commit an entry whose subspace is gone."""
+    writer, collector = (RedisStore(redis_url, namespace=redis_namespace, gc_grace_s=GRACE_S) for _ in range(2))
+    subspace = writer.put("acme/space", payload(1), "subspace")
+    writer.delete("acme/space")  # an orphan: collectable once nothing requires it
+    write_blob = writer._write_blob
+
+    def write_blob_then_collect(version, data):
+        write_blob(version, data)
+        assert collector.collect_garbage(now=after_grace()) == 2  # the subspace (and this put's own blob)
+    writer._write_blob = write_blob_then_collect
+    with pytest.raises(TaskNotFoundError, match=f"found no blob for {subspace}"):
+        writer.put("acme/ipt", payload(2), "intrinsic", requires=(subspace,))
+    assert writer.list_tasks() == {}
+    writer.close()
+    collector.close()
