@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from prefixserve.engine.background import BackgroundWorkers
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import Request, RequestOutput, SamplingParams
 from prefixserve.errors import EngineDeadError, EngineOverloadedError, PrefixServeError
@@ -29,6 +30,7 @@ class AsyncEngine:
         self._num_pending = 0  # accepted but not yet finished: bounds the queue across both sides
         self._error: PrefixServeError | None = None
         self._stopped = False
+        self.background = BackgroundWorkers()  # uploads' CPU and store work, at a lower OS priority
         self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
         self._thread.start()
 
@@ -79,13 +81,13 @@ class AsyncEngine:
 
     async def register_adapter(self, task: str, data: bytes):
         """Register an upload without stalling the step loop: decoding and validating (CPU), and the
-        store write (fsyncs, or a round trip to Redis) run on worker threads; the engine thread only
-        compiles the version between two steps (a prefill of its virtual tokens, or a LoRA slot
-        copy), before it is stored, and frees the version it replaced."""
+        store write (fsyncs, or a round trip to Redis) run on low-priority background threads; the
+        engine thread only compiles the version between two steps (a prefill of its virtual tokens,
+        or a LoRA slot copy), before it is stored, and frees the version it replaced."""
         adapters = self.engine.adapters
-        upload = await asyncio.to_thread(adapters.prepare_upload, task, data)
+        upload = await self.background.run(adapters.prepare_upload, task, data)
         await self.call(lambda engine: engine.adapters.compile_upload(upload))
-        artifact = await asyncio.to_thread(adapters.publish_upload, task, upload)
+        artifact = await self.background.run(adapters.publish_upload, task, upload)
         await self.call(lambda engine: engine.adapters.free_stale())
         return artifact
 
@@ -117,6 +119,7 @@ class AsyncEngine:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout)
+        self.background.shutdown()
 
     def _submit(self, request: Request, queue: asyncio.Queue) -> None:
         limit = self.engine.config.scheduler.max_in_flight

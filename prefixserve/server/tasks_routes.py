@@ -54,13 +54,13 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
     async def upload(task: str, file: UploadFile = File(...), caller: Caller = Depends(auth.caller)) -> TaskVersion:
         engine_task = name(caller, task)
         data = await _read_bounded(file, limits.max_artifact_bytes)
-        if not _is_safetensors(data):  # a PEFT adapter archive: convert it (CPU work, off the event loop)
-            data = await asyncio.to_thread(import_peft, data, arch=sync.backbone.arch,
-                                           fingerprint=sync.adapters.fingerprint, limits=limits,
-                                           dtype=sync.runner.dtype)
+        if not _is_safetensors(data):  # a PEFT adapter archive: convert it (CPU work, at low priority)
+            data = await engine.background.run(lambda: import_peft(
+                data, arch=sync.backbone.arch, fingerprint=sync.adapters.fingerprint, limits=limits,
+                dtype=sync.runner.dtype))
         # A version the tenant already retains (the same bytes under another task) adds no bytes.
-        await asyncio.to_thread(lambda: check_store_quota(caller, sync.store, engine_task, len(data),
-                                                          blob_version(data)))
+        await engine.background.run(lambda: check_store_quota(caller, sync.store, engine_task, len(data),
+                                                              blob_version(data)))
         # Validated in full (every derived value, in the engine's dtype) and compiled before it is stored:
         # a refused version is never left as the task's current one.
         artifact = await engine.register_adapter(engine_task, data)
