@@ -1,6 +1,10 @@
 """Helpers shared by tests (tests/ is on sys.path through its conftest)."""
 
+import threading
+
 import torch
+
+from prefixserve.adapters_store.local_store import LocalStore
 
 
 def random_prompts(lengths, vocab=512, seed=0) -> list[list[int]]:
@@ -37,3 +41,17 @@ def capture_logits(engine) -> list[tuple[str | None, list[int], torch.Tensor]]:
 
     engine.runner.execute = wrapped
     return seen
+
+
+class GatedStore(LocalStore):
+    """A LocalStore whose put waits until the test opens the gate (a store write that takes long)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.writing, self.gate = threading.Event(), threading.Event()
+
+    def put(self, task, data, kind, requires=()):
+        self.writing.set()
+        if not self.gate.wait(60):
+            raise TimeoutError("the test never opened the gate")
+        return super().put(task, data, kind, requires)

@@ -13,6 +13,10 @@ from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.server.app import create_app
 
 
+class Served(tuple):
+    """(base_url, sync engine), with the app as `.app` for tests that look at its state."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,8 +31,8 @@ def serving(backbone, engine_config: EngineConfig | None = None, store=None, **a
         adapters=AdapterLimits(max_artifact_bytes=8 << 20)), store)
     engine = AsyncEngine(sync)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, **app_options), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    app = create_app(engine, **app_options)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -37,7 +41,9 @@ def serving(backbone, engine_config: EngineConfig | None = None, store=None, **a
             raise RuntimeError("uvicorn did not start within 30 s")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", sync
+        served = Served((f"http://127.0.0.1:{port}", sync))
+        served.app = app
+        yield served
     finally:
         srv.should_exit = True
         thread.join(10)

@@ -33,7 +33,7 @@ from prefixserve.server.protocol import (
     event_stream_response,
 )
 from prefixserve.server.quotas import QuotaManager
-from prefixserve.server.tasks_routes import tasks_router
+from prefixserve.server.tasks_routes import UploadSlots, tasks_router
 from prefixserve.server.tenancy import tenant_task, tenant_tasks
 from prefixserve.server.training_routes import training_router
 from prefixserve.training.queue import JobQueue
@@ -69,7 +69,8 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
 
     app.include_router(openai_router(
         engine, serve, list_tasks=lambda caller: tenant_tasks(caller.tenant, store.list_tasks(f"{caller.tenant}/"))))
-    app.include_router(tasks_router(engine))
+    app.state.uploads = UploadSlots()
+    app.include_router(tasks_router(engine, app.state.uploads))
     app.include_router(admin_router(auth))
     app.include_router(training_router(job_queue, backbone.name, store))
 

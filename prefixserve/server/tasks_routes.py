@@ -6,6 +6,7 @@ new version from its next request, other replicas hear it from the store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from fastapi import APIRouter, Depends, File, UploadFile
@@ -14,7 +15,7 @@ from pydantic import BaseModel, Field
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.adapters_store.store import blob_version
 from prefixserve.engine.async_engine import AsyncEngine
-from prefixserve.errors import PayloadTooLargeError, TaskNotFoundError
+from prefixserve.errors import EngineOverloadedError, PayloadTooLargeError, TaskNotFoundError
 from prefixserve.server import auth
 from prefixserve.server.auth import Caller
 from prefixserve.server.protocol import (
@@ -32,6 +33,10 @@ from prefixserve.server.quotas import check_store_quota
 from prefixserve.server.tenancy import tenant_task, tenant_tasks
 
 _CHUNK = 1 << 20
+# Uploads being read, decoded and stored at once on one replica: each holds its bytes (up to
+# max_artifact_bytes) and their decoded tensors in memory, so past this they are refused, not queued.
+MAX_UPLOADS_IN_FLIGHT = 4
+_UPLOADS_RETRY_AFTER_S = 2.0
 
 
 class RollbackBody(BaseModel):
@@ -39,7 +44,26 @@ class RollbackBody(BaseModel):
     version: str | None = Field(None, json_schema_extra=accepts(string={"pattern": "^[0-9a-f]{64}$"}))
 
 
-def tasks_router(engine: AsyncEngine) -> APIRouter:
+class UploadSlots:
+    """How many uploads this replica is processing (event loop only, so no lock); one past the limit is
+    refused with EngineOverloadedError (503, Retry-After)."""
+
+    def __init__(self, limit: int = MAX_UPLOADS_IN_FLIGHT):
+        self.limit, self.in_flight = limit, 0
+
+    @contextlib.contextmanager
+    def hold(self):
+        if self.in_flight >= self.limit:
+            raise EngineOverloadedError(f"this server is processing {self.limit} uploads already (its limit); "
+                                        f"retry shortly", retry_after_s=_UPLOADS_RETRY_AFTER_S)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+def tasks_router(engine: AsyncEngine, uploads: UploadSlots) -> APIRouter:
     router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
     sync = engine.engine
     limits = sync.config.adapters
@@ -53,6 +77,10 @@ def tasks_router(engine: AsyncEngine) -> APIRouter:
     @router.put("/{task}", status_code=201, responses=error_responses(400, 401, 403, 404, 413, 429, 503))
     async def upload(task: str, file: UploadFile = File(...), caller: Caller = Depends(auth.caller)) -> TaskVersion:
         engine_task = name(caller, task)
+        with uploads.hold():
+            return await _store_upload(task, engine_task, file, caller)
+
+    async def _store_upload(task: str, engine_task: str, file: UploadFile, caller: Caller) -> TaskVersion:
         data = await _read_bounded(file, limits.max_artifact_bytes)
         if not _is_safetensors(data):  # a PEFT adapter archive: convert it (CPU work, at low priority)
             data = await engine.background.run(lambda: import_peft(

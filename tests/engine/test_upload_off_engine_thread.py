@@ -3,33 +3,18 @@ slow disk's fsyncs, a Redis round trip) or in decoding, every other request's to
 the engine thread only compiles the version between two steps."""
 
 import asyncio
-import threading
 
 import pytest
 import torch
+from helpers import GatedStore
 
 from prefixserve.adapters_store.format import encode_artifact
-from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import SamplingParams
 
 NEW_TOKENS = 40
-
-
-class GatedStore(LocalStore):
-    """A LocalStore whose put waits until the test opens the gate (a store write that takes long)."""
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.writing, self.gate = threading.Event(), threading.Event()
-
-    def put(self, task, data, kind, requires=()):
-        self.writing.set()
-        if not self.gate.wait(60):
-            raise TimeoutError("the test never opened the gate")
-        return super().put(task, data, kind, requires)
 
 
 def prompt_artifact(engine, seed: int) -> bytes:
