@@ -95,13 +95,12 @@ def require_reference_uses_adapter(model: PeftModel, token_ids: list[int]) -> No
                     f"parity tests need a reference that applies it (see requirements.lock)", pytrace=False)
 
 
-def intrinsic_case(base, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5, seed: int = 77):
-    """An IPT task: (subspace artifact bytes, intrinsic artifact bytes, the peft reference), where the
-    reference is PROMPT_TUNING holding decoder(z) as its soft prompt."""
+def ipt_artifacts(hidden: int, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5,
+                  seed: int = 77):
+    """A random IPT subspace and an intrinsic task decoded through it: (subspace artifact bytes, intrinsic
+    artifact bytes, decoder tensors, z, subspace config)."""
     from prefixserve.adapters_store.format import artifact_version, encode_artifact
-    from prefixserve.adapters_store.kinds import get_kind
 
-    hidden = base.config.hidden_size
     g = torch.Generator().manual_seed(seed)
     decoder = {"decoder.0.weight": torch.randn(decoder_hidden, d, generator=g) * 0.5,
                "decoder.0.bias": torch.randn(decoder_hidden, generator=g) * 0.1,
@@ -111,6 +110,16 @@ def intrinsic_case(base, fingerprint: dict, d: int = 6, decoder_hidden: int = 32
     subspace = encode_artifact("subspace", config, decoder, fingerprint)
     z = torch.randn(d, generator=g) * 0.02 * 50  # IPT inits z ~ N(0, 0.02); trained vectors are larger
     intrinsic = encode_artifact("intrinsic", {"subspace_version": artifact_version(subspace)}, {"z": z}, fingerprint)
+    return subspace, intrinsic, decoder, z, config
+
+
+def intrinsic_case(base, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5, seed: int = 77):
+    """An IPT task: (subspace artifact bytes, intrinsic artifact bytes, the peft reference), where the
+    reference is PROMPT_TUNING holding decoder(z) as its soft prompt."""
+    from prefixserve.adapters_store.kinds import get_kind
+
+    subspace, intrinsic, decoder, z, config = ipt_artifacts(base.config.hidden_size, fingerprint, d, decoder_hidden,
+                                                            num_tokens, seed)
     reference = get_peft_model(base, PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=num_tokens,
                                                         prompt_tuning_init=PromptTuningInit.RANDOM))
     with torch.no_grad():
