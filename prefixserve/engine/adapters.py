@@ -280,6 +280,10 @@ class AdapterManager:
         self._start_load(version)
         return False
 
+    def share(self, request: Request, handle: AdapterHandle) -> None:
+        """Pin the version another request holds (a choice of a request with n > 1)."""
+        self._pin(request, handle)
+
     def forget(self, request: Request) -> None:
         """A waiting request left (aborted) before its adapter arrived."""
         waiting = self._waiting.get(request.task_version, [])

@@ -24,7 +24,7 @@ def execute_by_version(runner: ModelRunner, step: SchedulerOutput) -> tuple[Step
         part = parts.setdefault(request.task_version, SchedulerOutput())
         part.requests.append(request)
         part.num_new_tokens.append(num_new_tokens)
-    logits, sampling, failed = [], [], {}
+    logits, sampling, scored, failed = [], [], [], {}
     for version, part in parts.items():
         try:
             result = runner.execute(part)
@@ -36,6 +36,7 @@ def execute_by_version(runner: ModelRunner, step: SchedulerOutput) -> tuple[Step
             continue
         logits.append(result.logits)  # [num_sampling_in_part, vocab]
         sampling += result.sampling_requests
+        scored += result.prompt_logprobs
     if len(parts) > 1 and len(failed) == len(parts):
         raise next(iter(failed.values()))  # every version fails on its own: the engine is what is broken
-    return StepResult(torch.cat(logits) if logits else torch.empty(0), sampling), failed
+    return StepResult(torch.cat(logits) if logits else torch.empty(0), sampling, scored), failed

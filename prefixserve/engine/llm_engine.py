@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,17 @@ from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.request import (
     Request,
+    RequestGroup,
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    TopLogprobs,
     check_context_room,
     check_unicode_text,
 )
 from prefixserve.engine.sampler import Sampler
 from prefixserve.engine.scheduler import Scheduler
+from prefixserve.engine.structured import GrammarCompiler
 from prefixserve.errors import EngineOverloadedError, InvalidRequestError
 from prefixserve.models.loader import Backbone, load_backbone
 
@@ -46,6 +50,8 @@ class Completion:
     text: str
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None  # None for the first prompt token
 
 
 class LLMEngine:
@@ -67,7 +73,10 @@ class LLMEngine:
                                        config.host_cache_bytes)
         self.scheduler = Scheduler(config.scheduler, self.pages, reclaim_pages=self.adapters.reclaim_pages)
         self.sampler = Sampler(backbone.eos_token_ids)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # by request id; a request's choices are "<id>#<index>"
+        self.groups: dict[str, RequestGroup] = {}  # requests with n > 1, by the id their outputs carry
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EngineConfig, store: AdapterStore | None = None) -> LLMEngine:
@@ -115,6 +124,10 @@ class LLMEngine:
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab}), found {bad_stop[0]}")
+        bad_bias = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab}), found {bad_bias[0]}")
+        grammar = self._matcher(params)  # compiled here, on the caller's thread: a bad schema is a 400
         version = self.adapters.resolve(task)  # pinned now: a later upload does not affect this request
         # The task's virtual tokens are known here only if its version is resident; pinning checks again.
         check_context_room(len(ids), self.adapters.prefix_len(version), params.max_new_tokens, self.max_model_len)
@@ -124,11 +137,25 @@ class LLMEngine:
                                       f"pool ({self.pool_tokens} tokens)")
         if not (math.isfinite(tenant_weight) and tenant_weight > 0):
             raise InvalidRequestError(f"expected a positive tenant weight, found {tenant_weight}")
-        return Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task, task_version=version,
-                       tenant_weight=tenant_weight)
+        request = Request(request_id or uuid.uuid4().hex, ids, params, tenant=tenant, task=task,
+                          task_version=version, tenant_weight=tenant_weight)
+        request.grammar = grammar
+        return request
+
+    def _matcher(self, params: SamplingParams):
+        if params.structured is None:
+            return None
+        tokenizer = self.backbone.tokenizer
+        if tokenizer is None:
+            raise InvalidRequestError("structured outputs need the backbone's tokenizer, and this backbone has none")
+        with self._grammars_lock:  # built once, on first use (it reads the whole vocabulary)
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(tokenizer, self.backbone.arch.vocab_size,
+                                                 self.backbone.eos_token_ids)
+        return self._grammars.matcher(self._grammars.compile(params.structured))
 
     def add(self, request: Request) -> None:
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.output_id in self.groups:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         limit = self.config.scheduler.max_in_flight
         if self.scheduler.num_unfinished >= limit:
@@ -137,6 +164,8 @@ class LLMEngine:
         if self.backbone.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, request.prompt_token_ids)
         self.requests[request.request_id] = request
+        if request.group is not None:
+            self.groups[request.output_id] = request.group
         self.scheduler.add(request)
 
     def add_request(self, prompt: str | None = None, params: SamplingParams = SamplingParams(),
@@ -146,11 +175,14 @@ class LLMEngine:
         return request
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.get(request_id)
-        if request is None:
+        """Stop a request (every choice of it); returns its last output, None if it is not here."""
+        group = self.groups.get(request_id)
+        members = list(group.members) if group is not None else [self.requests.get(request_id)]
+        if members[-1] is None:
             return None
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
-        return self._output(request, [], None)
+        for request in members:
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._output(members[-1], [], None)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
@@ -159,6 +191,12 @@ class LLMEngine:
         else:
             self.adapters.forget(request)
         del self.requests[request.request_id]
+        group = request.group
+        if group is not None:
+            group.members.remove(request)
+            group.forked = True  # a request that ends before its prompt is prefilled never forks
+            if group.finished:
+                del self.groups[request.output_id]
 
     # ---- tasks -------------------------------------------------------------------------------
     def register_adapter(self, task: str, data: bytes) -> Artifact:
@@ -194,14 +232,21 @@ class LLMEngine:
         for request, n in zip(scheduled.requests, scheduled.num_new_tokens):
             if request.task_version not in failed:
                 request.num_computed_tokens += n
-        if not result.sampling_requests:
+        for scored in result.prompt_logprobs:
+            scored.request.prompt_logprobs += scored.logprobs
+            scored.request.prompt_top_logprobs += scored.top_logprobs
+        requests, logits = result.sampling_requests, result.logits
+        if any(r.group is not None and not r.group.forked for r in requests):
+            requests, logits = self._fork_choices(requests, logits)
+        if not requests:
             return outputs
         try:
-            tokens, logprobs = self.sampler(result.logits, result.sampling_requests)
+            sample = self.sampler(logits, requests)
         except Exception:  # one request's parameters must not stop the loop for everyone: find it
-            return outputs + self._sample_each(result.logits, result.sampling_requests)
-        for i, (request, token) in enumerate(zip(result.sampling_requests, tokens)):
-            outputs.append(self._append_token(request, token, logprobs[i] if logprobs else None))
+            return outputs + self._sample_each(logits, requests)
+        for i, (request, token) in enumerate(zip(requests, sample.tokens)):
+            outputs.append(self._append_token(request, token, sample.logprobs[i] if sample.logprobs else None,
+                                              sample.top_logprobs[i] if sample.top_logprobs else None))
         return outputs
 
     def _sample_each(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
@@ -209,17 +254,83 @@ class LLMEngine:
         outputs = []
         for i, request in enumerate(requests):
             try:
-                tokens, logprobs = self.sampler(logits[i:i + 1], [request])
+                sample = self.sampler(logits[i:i + 1], [request])
             except Exception as exc:
                 logger.exception("sampling failed for request %s", request.request_id)
-                self._finish(request, RequestStatus.FINISHED_ERROR)
-                output = self._output(request, [], None)
-                output.error = InvalidRequestError(f"the request's sampling parameters could not be applied "
-                                                   f"({type(exc).__name__}: {exc}); the request was stopped")
-                outputs.append(output)
+                outputs.append(self._fail(request, InvalidRequestError(
+                    f"the request's sampling parameters could not be applied ({type(exc).__name__}: {exc}); "
+                    "the request was stopped")))
                 continue
-            outputs.append(self._append_token(request, tokens[0], logprobs[0] if logprobs else None))
+            outputs.append(self._append_token(request, sample.tokens[0],
+                                              sample.logprobs[0] if sample.logprobs else None,
+                                              sample.top_logprobs[0] if sample.top_logprobs else None))
         return outputs
+
+    def _fail(self, request: Request, error: Exception) -> RequestOutput:
+        self._finish(request, RequestStatus.FINISHED_ERROR)
+        output = self._output(request, [], None)
+        output.error = error
+        return output
+
+    # ---- n > 1: choices fork after the prompt ------------------------------------------------
+    def _fork_choices(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Requests with n > 1 whose prompt was just prefilled become n choices. The new choices
+        sample from the same logits row this step; each then decodes on its own."""
+        expanded, rows = [], []
+        for row, request in enumerate(requests):
+            expanded.append(request)
+            rows.append(row)
+            if request.group is not None and not request.group.forked:
+                for choice in self._fork(request):
+                    expanded.append(choice)
+                    rows.append(row)
+        return expanded, logits[torch.tensor(rows, device=logits.device)]
+
+    def _fork(self, parent: Request) -> list[Request]:
+        """Make the other n - 1 choices of `parent`; returns those that share its computed prompt
+        (the rest, if the pool has no page for their copy, wait and prefill the prompt themselves)."""
+        group = parent.group
+        group.forked = True
+        ready = []
+        for index in range(1, group.n):
+            choice = Request(f"{parent.request_id}#{index}", parent.prompt_token_ids, parent.params,
+                             tenant=parent.tenant, tenant_weight=parent.tenant_weight, task=parent.task,
+                             task_version=parent.task_version, arrival_time=parent.arrival_time, index=index,
+                             output_id=parent.output_id, group=group)
+            choice.first_scheduled_time = parent.first_scheduled_time
+            # Prompt logprobs are the same for every choice: computed once, the list shared.
+            choice.prompt_logprobs, choice.prompt_top_logprobs = parent.prompt_logprobs, parent.prompt_top_logprobs
+            choice.grammar = parent.grammar.copy() if parent.grammar is not None else None
+            if self.backbone.tokenizer is not None:
+                choice.detokenizer = IncrementalDetokenizer(self.backbone.tokenizer, choice.prompt_token_ids)
+            if parent.adapter is not None:
+                self.adapters.share(choice, parent.adapter)
+            group.members.append(choice)
+            self.requests[choice.request_id] = choice
+            if self._share_prompt_pages(parent, choice):
+                self.scheduler.add_running(choice)
+                ready.append(choice)
+            else:
+                self.scheduler.add(choice)
+        return ready
+
+    def _share_prompt_pages(self, parent: Request, choice: Request) -> bool:
+        """The prompt's full pages are shared read-only (nobody writes below the prompt's end); the
+        last, partly filled one is copied, since each choice writes its own tokens after the prompt."""
+        num_tokens = parent.num_prompt_tokens
+        full, partial = divmod(num_tokens, self.pages.page_size)
+        copy = []
+        if partial:
+            if not self.pages.can_allocate(1):
+                self.adapters.reclaim_pages(1)
+            if not self.pages.can_allocate(1):
+                return False
+            copy = self.pages.allocate(1)
+            self.runner.copy_slots(parent.page_ids[full], copy[0], partial)
+        self.pages.share(parent.page_ids[:full])
+        choice.page_ids = parent.page_ids[:full] + copy
+        choice.num_computed_tokens = num_tokens
+        return True
 
     def _fail_versions(self, failed: dict[str, Exception]) -> list[RequestOutput]:
         """Quarantine each version a step failed for and end every request holding it with that error."""
@@ -227,11 +338,10 @@ class LLMEngine:
         for version, exc in failed.items():
             error = self.adapters.quarantine(version, exc)
             for request in [r for r in self.requests.values() if r.task_version == version]:
-                self.runner.clear_pages(request.page_ids)  # a half-run forward may have left NaN in them
-                self._finish(request, RequestStatus.FINISHED_ERROR)
-                output = self._output(request, [], None)
-                output.error = error
-                outputs.append(output)
+                # A half-run forward may have left NaN in its pages (pages a choice shares are the
+                # same version's, so they end here too).
+                self.runner.clear_pages(request.page_ids)
+                outputs.append(self._fail(request, error))
         return outputs
 
     def _poll_adapters(self) -> list[RequestOutput]:
@@ -239,22 +349,33 @@ class LLMEngine:
         outputs = []
         for request, error in self.adapters.poll():
             if error is not None and request.request_id in self.requests:
-                self._finish(request, RequestStatus.FINISHED_ERROR)
-                output = self._output(request, [], None)
-                output.error = error
-                outputs.append(output)
+                outputs.append(self._fail(request, error))
         return outputs
 
-    def _append_token(self, request: Request, token: int, logprob: float | None) -> RequestOutput:
+    def _append_token(self, request: Request, token: int, logprob: float | None,
+                      top: TopLogprobs | None = None) -> RequestOutput:
+        params = request.params
+        if request.grammar is not None:
+            try:
+                request.grammar.accept(token)
+            except Exception as exc:  # the mask should make this impossible; if not, only this request ends
+                logger.exception("the grammar refused the token of request %s", request.request_id)
+                return self._fail(request, InvalidRequestError(
+                    f"the structured output could not continue ({type(exc).__name__}: {exc}); the request was "
+                    "stopped"))
         request.token_ids.append(token)
-        if logprob is not None and request.params.logprobs:
+        logprob = logprob if params.logprobs else None
+        top = top if params.top_logprobs else None
+        if logprob is not None:
             request.logprobs.append(logprob)
+        if top is not None:
+            request.top_logprobs.append(top)
         detok = request.detokenizer
         delta = detok.add(token) if detok is not None else ""
         status = self._check_stop(request, token, delta)
         if status is not None:
             self._finish(request, status)
-        return self._output(request, [token], logprob if request.params.logprobs else None)
+        return self._output(request, [token], logprob, top)
 
     def _check_stop(self, request: Request, token: int, delta: str) -> RequestStatus | None:
         params = request.params
@@ -263,6 +384,8 @@ class LLMEngine:
             return RequestStatus.FINISHED_STOPPED
         if not params.ignore_eos and token in self.backbone.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
+        if request.grammar is not None and request.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED  # the output is complete: the grammar allows nothing more
         if params.stop and delta:
             detok = request.detokenizer
             # A stop string can only end inside the new text, so search just the tail.
@@ -280,7 +403,8 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _output(self, request: Request, new_tokens: list[int], logprob: float | None) -> RequestOutput:
+    def _output(self, request: Request, new_tokens: list[int], logprob: float | None,
+                top: TopLogprobs | None = None) -> RequestOutput:
         finished = request.status.is_finished
         detok = request.detokenizer
         new_text = ""
@@ -292,15 +416,24 @@ class LLMEngine:
                 visible = visible[:max(request.num_emitted_chars, len(visible) - held_back)]
             new_text = visible[request.num_emitted_chars:]
             request.num_emitted_chars = len(visible)
+        first_token = bool(new_tokens) and request.num_output_tokens == 1
         queue_time = None
-        if new_tokens and request.num_output_tokens == 1 and request.first_scheduled_time is not None:
+        if first_token and request.first_scheduled_time is not None:
             queue_time = request.first_scheduled_time - request.arrival_time
-        return RequestOutput(
-            request_id=request.request_id, new_token_ids=new_tokens, new_text=new_text, finished=finished,
+        output = RequestOutput(
+            request_id=request.output_id, new_token_ids=new_tokens, new_text=new_text,
+            finished=request.group.finished if request.group is not None else finished,
             finish_reason=request.status.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             new_logprobs=[logprob] if logprob is not None else None, queue_time_s=queue_time,
+            new_top_logprobs=[top] if top is not None else None, index=request.index, choice_finished=finished,
         )
+        if first_token and request.params.prompt_logprobs is not None:
+            output.prompt_logprobs = [None, *request.prompt_logprobs]
+            output.prompt_token_ids = request.prompt_token_ids
+            if request.params.prompt_logprobs:
+                output.prompt_top_logprobs = [None, *request.prompt_top_logprobs]
+        return output
 
     # ---- offline convenience -------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams(),
@@ -317,7 +450,9 @@ class LLMEngine:
 
     @staticmethod
     def completion(request: Request) -> Completion:
-        detok = request.detokenizer
+        detok, params = request.detokenizer, request.params
         return Completion(request.request_id, request.prompt_token_ids, request.output_token_ids,
                           detok.text if detok is not None else "", request.status.finish_reason,
-                          request.logprobs if request.params.logprobs else None)
+                          request.logprobs if params.logprobs else None,
+                          request.top_logprobs if params.top_logprobs else None,
+                          [None, *request.prompt_logprobs] if params.prompt_logprobs is not None else None)

@@ -3,13 +3,13 @@ metadata and runs the backbone. Only the rows that will be sampled reach the LM 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from prefixserve.engine.lora_slots import LoRASlots
-from prefixserve.engine.request import Request
+from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler import SchedulerOutput
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora import lora_batch_metadata
@@ -17,11 +17,31 @@ from prefixserve.kernels.paged_attention import PagedAttentionMetadata
 from prefixserve.models.llama import LoRAStep
 from prefixserve.models.loader import Backbone
 
+# Rows of the LM head computed at once for prompt logprobs: bounds the [rows, vocab] buffers.
+PROMPT_LOGPROBS_ROWS = 256
+
+
+@dataclass
+class PromptScoring:
+    """Prompt positions of one request whose next token is scored this step (echo with logprobs)."""
+
+    request: Request
+    rows: np.ndarray  # [m] indices into the step's flat tokens
+    targets: list[int]  # [m] the prompt tokens those positions predict
+
+
+@dataclass
+class PromptLogprobs:
+    request: Request
+    logprobs: list[float]  # of each target token, in prompt order
+    top_logprobs: list[TopLogprobs]  # per target, when the request asked for alternatives
+
 
 @dataclass
 class StepResult:
     logits: torch.Tensor  # [num_sampling, vocab] fp32
     sampling_requests: list[Request]  # requests whose known tokens are all computed after this step
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -48,10 +68,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, lora, logits_indices, sampling = self._prepare(step)
+        input_ids, positions, meta, lora, logits_indices, sampling, scoring = self._prepare(step)
         model = self.backbone.model
         hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora)  # [T, hidden]
-        return StepResult(model.compute_logits(hidden[logits_indices]), sampling)
+        prompt_logprobs = [self._score_prompt(hidden, job) for job in scoring]
+        return StepResult(model.compute_logits(hidden[logits_indices]), sampling, prompt_logprobs)
+
+    def _score_prompt(self, hidden: torch.Tensor, job: PromptScoring) -> PromptLogprobs:
+        """Log-probabilities of the prompt's own tokens from this step's hidden states: the prefill
+        computes them anyway, so echo with logprobs costs the LM head on those rows, not a second pass."""
+        k = job.request.params.prompt_logprobs
+        logprobs, top = [], []
+        for lo in range(0, len(job.rows), PROMPT_LOGPROBS_ROWS):
+            rows = torch.from_numpy(job.rows[lo:lo + PROMPT_LOGPROBS_ROWS]).to(self.device)
+            targets = torch.tensor(job.targets[lo:lo + PROMPT_LOGPROBS_ROWS], device=self.device)
+            log_probs = torch.log_softmax(self.backbone.model.compute_logits(hidden[rows]).float(), -1)  # [m, V]
+            logprobs += log_probs.gather(1, targets[:, None])[:, 0].tolist()
+            if k:
+                values, ids = torch.topk(log_probs, k, dim=-1)
+                top += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return PromptLogprobs(job.request, logprobs, top)
 
     # ---- compiling task prefixes ---------------------------------------------------------------
     @torch.inference_mode()
@@ -88,6 +124,11 @@ class ModelRunner:
         return bool(torch.isfinite(kv).all())
 
     @torch.inference_mode()
+    def copy_slots(self, src_page: int, dst_page: int, num_slots: int) -> None:
+        """Copy the first num_slots keys and values of a page into another (a forked choice's own copy)."""
+        self.kv_cache[:, :, dst_page, :num_slots] = self.kv_cache[:, :, src_page, :num_slots]
+
+    @torch.inference_mode()
     def clear_pages(self, page_ids: list[int]) -> None:
         pages = torch.tensor(page_ids, dtype=torch.long, device=self.device)
         self.kv_cache.index_fill_(2, pages, 0)
@@ -110,7 +151,7 @@ class ModelRunner:
         max_prefix_pages = max((len(h.prefix_pages) for h in handles if h is not None), default=0)
         page_table = np.zeros((num_seqs, max_pages), dtype=np.int32)
         prefix_page_table = np.zeros((num_seqs, max_prefix_pages), dtype=np.int32)
-        logits_indices, sampling = [], []
+        logits_indices, sampling, scoring = [], [], []
         any_lora = False
         for s, (request, n) in enumerate(zip(step.requests, step.num_new_tokens)):
             start = request.num_computed_tokens
@@ -133,6 +174,12 @@ class ModelRunner:
             if start + n == request.num_tokens:
                 logits_indices.append(cu_seqlens[s + 1] - 1)
                 sampling.append(request)
+            if request.prompt_logprobs_pending:
+                # Position p predicts prompt token p + 1; positions scored before a preemption are not again.
+                lo, hi = max(start, len(request.prompt_logprobs)), min(start + n, request.num_prompt_tokens - 1)
+                if hi > lo:
+                    rows = np.arange(lo, hi, dtype=np.int64) - start + cu_seqlens[s]
+                    scoring.append(PromptScoring(request, rows, request.token_ids[lo + 1:hi + 1]))
         device = self.device
         meta = PagedAttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(device),
@@ -156,4 +203,4 @@ class ModelRunner:
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
         logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)
-        return input_ids, positions, meta, lora, logits_indices, sampling
+        return input_ids, positions, meta, lora, logits_indices, sampling, scoring

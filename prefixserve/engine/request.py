@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from prefixserve.engine.structured import StructuredOutput
 from prefixserve.errors import InvalidRequestError, expect
 
 if TYPE_CHECKING:
     from prefixserve.engine.adapters import AdapterHandle
     from prefixserve.engine.detokenizer import IncrementalDetokenizer
+    from prefixserve.engine.structured import GrammarMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -44,6 +46,14 @@ MAX_STOP_STRINGS = 16
 # Neither OpenAI nor vLLM documents a length limit for a stop string; ours bounds the text a stream
 # holds back and the per-token matching work. A stop phrase longer than this is a prompt, not a stop.
 MAX_STOP_CHARS = 512
+MAX_CHOICES = 16  # n: choices share the prompt's pages, but each decodes on its own
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's max_logprobs
+MAX_LOGIT_BIAS = 1024  # entries; each bias is within +-100, as OpenAI clamps it
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI documents
+MAX_REPETITION_PENALTY = 100.0
+
+# One position's alternatives: (token id, log-probability), most likely first.
+TopLogprobs = list[tuple[int, float]]
 
 
 def check_unicode_text(text: str, what: str) -> None:
@@ -69,6 +79,14 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens exist
     logprobs: bool = False  # report the log-probability of each chosen token
+    top_logprobs: int = 0  # and the k most likely tokens at each position (with logprobs)
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives (echo)
+    n: int = 1  # choices: each samples its own tokens after one shared prefill of the prompt
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: logits of prompt and output tokens divided (if > 0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    structured: StructuredOutput | None = None  # the output must match this grammar
 
     def __post_init__(self):
         expect(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0),
@@ -96,6 +114,45 @@ class SamplingParams:
         expect(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_new_tokens or self.min_tokens),
                InvalidRequestError,
                f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], found {self.min_tokens!r}")
+        self._check_logprobs_and_choices()
+        self._check_logit_processing()
+
+    def _check_logprobs_and_choices(self) -> None:
+        expect(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               InvalidRequestError, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+               f"found {self.top_logprobs!r}")
+        expect(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+               InvalidRequestError, f"prompt_logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}], "
+               f"found {self.prompt_logprobs!r}")
+        expect(isinstance(self.n, int) and 1 <= self.n <= MAX_CHOICES, InvalidRequestError,
+               f"n must be an integer in [1, {MAX_CHOICES}], found {self.n!r}")
+
+    def _check_logit_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            expect(isinstance(value, (int, float)) and -MAX_PENALTY <= value <= MAX_PENALTY, InvalidRequestError,
+                   f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], found {value!r}")
+        expect(isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty
+               <= MAX_REPETITION_PENALTY, InvalidRequestError,
+               f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), "
+               f"found {self.repetition_penalty!r}")
+        expect(len(self.logit_bias) <= MAX_LOGIT_BIAS, InvalidRequestError,
+               f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, found {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            expect(isinstance(token, int) and token >= 0, InvalidRequestError,
+                   f"logit_bias keys must be token ids >= 0, found {token!r}")
+            expect(isinstance(bias, (int, float)) and -100 <= bias <= 100, InvalidRequestError,
+                   f"logit_bias values must be numbers in [-100, 100], found {bias!r} for token {token}")
+        if self.structured is not None:
+            # A grammar decides when EOS may come; forcing text past its end has no valid token to offer.
+            expect(not self.ignore_eos and self.min_tokens == 0, InvalidRequestError,
+                   "structured outputs end where the grammar does: expected ignore_eos false and min_tokens 0 "
+                   f"with a response format, found ignore_eos={self.ignore_eos}, min_tokens={self.min_tokens}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +190,28 @@ class RequestOutput:
     new_logprobs: list[float] | None = None
     error: Exception | None = None  # set with finish_reason "error"
     queue_time_s: float | None = None  # on the first token's output: arrival -> first scheduled
+    new_top_logprobs: list[TopLogprobs] | None = None  # per new token, when top_logprobs > 0
+    # On a choice's first token when prompt_logprobs is set: one entry per prompt token, None for
+    # the first (nothing predicts it); alternatives likewise.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs (what they are of)
+    index: int = 0  # the choice (n > 1); `finished` is for the whole request, `choice_finished` for this choice
+    choice_finished: bool = False
+
+
+@dataclass(eq=False)
+class RequestGroup:
+    """The choices of one request (n > 1): they exist once the prompt is prefilled, share its pages,
+    and the request is finished when every choice is."""
+
+    n: int
+    members: list[Request] = field(default_factory=list)  # unfinished choices
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and not self.members
 
 
 @dataclass(eq=False)
@@ -154,11 +233,25 @@ class Request:
     adapter: AdapterHandle | None = None  # the task version pinned at admission, held to the end
     detokenizer: IncrementalDetokenizer | None = None  # None when the backbone has no tokenizer
     num_emitted_chars: int = 0  # text already streamed (stop-string hold-back keeps it behind)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # prompt_logprobs[i] is for prompt token i + 1; shared by a request's choices (computed once)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    grammar: GrammarMatcher | None = None  # structured outputs: where the output is in its grammar
+    index: int = 0  # which choice this is (n > 1)
+    output_id: str | None = None  # the id outputs carry (the request's, for every choice); None: request_id
+    group: RequestGroup | None = None  # n > 1
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids = list(self.prompt_token_ids)  # prompt + output, appended in place
+        if self.output_id is None:
+            self.output_id = self.request_id
+        if self.params.n > 1 and self.group is None:
+            self.group = RequestGroup(self.params.n, [self])
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        if self.params.seed is not None:
+            seed = (seed + self.index) % 2**63  # each choice its own stream, reproducible (as vLLM)
         # A private generator per request keeps seeded sampling independent of the batch around it.
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -166,6 +259,13 @@ class Request:
     def adapter_pending(self) -> bool:
         """Waiting for its adapter version to reach the device; the scheduler passes over it."""
         return self.task_version is not None and self.adapter is None
+
+    @property
+    def prompt_logprobs_pending(self) -> int:
+        """Prompt positions whose next token's logprob is still to compute (0 when not asked for)."""
+        if self.params.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - 1 - len(self.prompt_logprobs)
 
     @property
     def num_tokens(self) -> int:

@@ -57,12 +57,21 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, request: Request) -> None:
-        tenant = request.tenant
+        self._count(request.tenant)
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """A choice forked from a running request (n > 1), its prompt already computed: it runs from
+        the next step. The batch may then hold up to n - 1 more than max_num_seqs, until choices end."""
+        self._count(request.tenant)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _count(self, tenant: str) -> None:
         if tenant not in self._num_unfinished:
             self.virtual_tokens[tenant] = min(self.virtual_tokens.values(), default=0.0)
             self._num_unfinished[tenant] = 0
         self._num_unfinished[tenant] += 1
-        self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -57,7 +57,7 @@ def test_tiny_prefill_logits_within_tolerance(tiny_hf, tiny_backbone):
     prompt = random_prompts([50], seed=9)[0]
     request = engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_new_tokens=1, temperature=0))
     step = engine.scheduler.schedule()
-    input_ids, positions, meta, _, _, _ = engine.runner._prepare(step)
+    input_ids, positions, meta, *_ = engine.runner._prepare(step)
     with torch.inference_mode():
         model = tiny_backbone.model
         ours = model.compute_logits(model(model.embed(input_ids), positions, meta, engine.runner.kv_cache))
