@@ -33,6 +33,7 @@ from prefixserve.server.protocol import (
     event_stream_response,
 )
 from prefixserve.server.quotas import QuotaManager
+from prefixserve.server.sampling import sampling_params
 from prefixserve.server.tasks_routes import UploadSlots, tasks_router
 from prefixserve.server.tenancy import tenant_task, tenant_tasks
 from prefixserve.server.training_routes import training_router
@@ -105,7 +106,8 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
     @with_cancellation
     async def generate(body: GenerateRequest, raw_request: Request, caller: Caller = Depends(auth_caller)):
         task = body.task or BASE_TASK
-        params = _sampling_params(body)
+        params = sampling_params(body, body.max_new_tokens, logprobs=body.logprobs or body.top_logprobs > 0,
+                                 top_logprobs=body.top_logprobs)
         prompt, prompt_ids = body.prompt, None
         if body.messages is not None:
             prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
@@ -114,28 +116,21 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
         if body.stream:
             first = await anext(outputs)  # surface admission errors as a status code, not mid-stream
             return StreamingResponse(_sse(first, outputs), media_type="text/event-stream")
-        text, token_ids, logprobs, last = [], [], [], None
+        text, token_ids, logprobs, top, last = [], [], [], [], None
         async for out in outputs:
             text.append(out.new_text)
             token_ids += out.new_token_ids
             logprobs += out.new_logprobs or []
+            top += out.new_top_logprobs or []
             last = out
         return GenerateResponse(
             id=request_id, task=task, text="".join(text), token_ids=token_ids, finish_reason=last.finish_reason,
             usage={"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens},
-            logprobs=logprobs if body.logprobs else None,
+            logprobs=logprobs if params.logprobs else None,
+            top_logprobs=[{str(t): lp for t, lp in position} for position in top] if body.top_logprobs else None,
         )
 
     return app
-
-
-def _sampling_params(body: GenerateRequest) -> SamplingParams:
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return SamplingParams(
-        max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=body.logprobs,
-    )
 
 
 async def _sse(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:

@@ -59,10 +59,11 @@ class ServerMetrics:
         """Pass outputs through, observing them. Closing this closes `outputs` (aborting the request).
         `tenant` is the authenticated caller's; `engine_task` is `<tenant>/<task>` (None: the backbone)."""
         labels = None  # decided at the first output or error: by then the engine has resolved the task
-        start, first_token_at, last = time.monotonic(), None, None
+        start, first_token_at, last, num_generated = time.monotonic(), None, None, 0
         try:
             async for out in outputs:
                 labels = labels or self._labels(tenant, engine_task)
+                num_generated += len(out.new_token_ids)  # every choice's (n > 1)
                 if first_token_at is None and out.new_token_ids:
                     first_token_at = time.monotonic()
                     self.ttft.labels(*labels).observe(first_token_at - start)
@@ -76,7 +77,7 @@ class ServerMetrics:
         finally:
             await outputs.aclose()
             if last is not None:
-                self._finish(labels, last, first_token_at)
+                self._finish(labels, last, first_token_at, num_generated)
 
     def _labels(self, tenant: str, engine_task: str | None) -> tuple[str, str]:
         if engine_task is None:
@@ -96,10 +97,11 @@ class ServerMetrics:
                 if task not in (BASE_TASK, UNKNOWN_TASK) and not self._adapters.knows(f"{tenant}/{task}"):
                     metric.remove(*values)
 
-    def _finish(self, labels, last: RequestOutput, first_token_at: float | None) -> None:
+    def _finish(self, labels, last: RequestOutput, first_token_at: float | None, num_generated: int) -> None:
         self.requests.labels(*labels, last.finish_reason if last.finished else "abort").inc()
         self.prompt_tokens.labels(*labels).inc(last.num_prompt_tokens)
-        self.generation_tokens.labels(*labels).inc(last.num_output_tokens)
+        self.generation_tokens.labels(*labels).inc(num_generated)
+        # Time per output token of one choice (choices decode side by side, so the last one's count).
         if first_token_at is not None and last.num_output_tokens > 1:
             gap = (time.monotonic() - first_token_at) / (last.num_output_tokens - 1)
             self.tpot.labels(*labels).observe(gap)

@@ -22,6 +22,15 @@ from prefixserve.server import auth
 from prefixserve.server.auth import Caller
 from prefixserve.server.chat import chat_prompt_ids
 from prefixserve.server.disconnect import with_cancellation
+from prefixserve.server.openai_choices import (
+    Choice,
+    PromptChoices,
+    chat_logprobs,
+    collect_all,
+    completion_logprobs,
+    merge,
+    usage,
+)
 from prefixserve.server.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -29,22 +38,18 @@ from prefixserve.server.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatLogprobs,
     ChatMessageOut,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
-    Usage,
 )
 from prefixserve.server.protocol import ChatMessage, error_responses, event_stream_response
+from prefixserve.server.sampling import sampling_params
 
-# Builds one stream chunk from one engine output, or None when there is nothing to send yet.
-ChunkBuilder = Callable[[RequestOutput], BaseModel | None]
+# Builds one stream chunk from one engine output of prompt i, or None when there is nothing to send yet.
+ChunkBuilder = Callable[[int, RequestOutput], BaseModel | None]
 
 
 # serve(caller, model, prompt, params, prompt_ids, request_id) -> the request's outputs
@@ -57,6 +62,7 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
     lists besides "base" (it may read the store: it runs off the event loop)."""
     sync = engine.engine
     backbone = sync.backbone
+    tokenizer = backbone.tokenizer
     started = int(time.time())
     router = APIRouter(tags=["openai"])
     generation_errors = error_responses(400, 401, 403, 404, 429, 503, 504)
@@ -72,35 +78,72 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
     @with_cancellation
     async def completions(body: CompletionRequest, raw_request: Request, caller: Caller = Depends(auth.caller)):
         model, request_id, created = body.model or BASE_TASK, f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt, prompt_ids = (body.prompt, None) if isinstance(body.prompt, str) else (None, body.prompt)
+        n = body.n or 1
+        best_of = body.best_of or n
+        k = body.logprobs  # None: no logprobs; k: the chosen tokens' and k alternatives
         # max_tokens null: until the context ends (the engine knows the task's virtual tokens); a number
         # the context cannot hold is a 400 from the engine, as in vLLM, never silently clamped.
-        params = _sampling_params(body, body.max_tokens, logprobs=body.logprobs is not None)
-        outputs = serve(caller, model, prompt, params, prompt_ids, request_id)
+        params = sampling_params(body, body.max_tokens, logprobs=k is not None or best_of > n, top_logprobs=k or 0,
+                                 prompt_logprobs=k if body.echo and k is not None else None, n=best_of)
+        prompts = body.prompts
+        streams = [serve(caller, model, p if isinstance(p, str) else None, params,
+                         None if isinstance(p, str) else p, request_id if len(prompts) == 1 else f"{request_id}-{i}")
+                   for i, p in enumerate(prompts)]
+        states = [PromptChoices(n, i * n) for i in range(len(prompts))]
+        echoed = [p if isinstance(p, str) else None for p in prompts]  # token-id prompts: decoded when known
 
-        def completion(out: RequestOutput, text: str, offset: int) -> CompletionResponse:
-            logprobs = _completion_logprobs(backbone.tokenizer, out, offset) if params.logprobs else None
-            choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=out.finish_reason)
-            return CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
+        def echo_text(i: int) -> str:
+            if echoed[i] is None:
+                echoed[i] = tokenizer.decode(states[i].prompt_token_ids or prompts[i]) if tokenizer else ""
+            return echoed[i]
+
+        def logprobs_of(i: int, token_ids: list[int], logprobs: list[float], top: list, first: bool,
+                        offset: int) -> object:
+            if k is None:
+                return None
+            state = states[i]
+            if first and body.echo and state.prompt_logprobs is not None:
+                token_ids = state.prompt_token_ids + token_ids
+                logprobs = state.prompt_logprobs + logprobs
+                top = (state.prompt_top_logprobs or [None] * len(state.prompt_logprobs)) + list(top)
+            return completion_logprobs(tokenizer, token_ids, logprobs, top if k else None, offset)
 
         if not body.stream:
-            last = await _collect(outputs)
-            return completion(last, last.new_text, 0).model_copy(update={"usage": _usage(last)})
+            await collect_all(streams, states)
+            choices = []
+            for i, state in enumerate(states):
+                ranked = sorted(state.choices.values(), key=lambda c: -c.mean_logprob)[:n] if best_of > n else \
+                    [state.choices[j] for j in sorted(state.choices)]
+                for j, c in enumerate(ranked):
+                    text = "".join(c.text)
+                    choices.append(CompletionChoice(
+                        index=i * n + j, text=(echo_text(i) if body.echo else "") + text,
+                        logprobs=logprobs_of(i, c.token_ids, c.logprobs, c.top_logprobs, True, 0),
+                        finish_reason=c.finish_reason))
+            return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                      usage=usage(states))
 
-        text_offset = 0
+        offsets: dict[tuple[int, int], int] = {}  # (prompt, choice) -> characters streamed, for text_offset
 
-        def chunk(out: RequestOutput) -> CompletionResponse | None:
-            nonlocal text_offset
-            if not (out.new_text or out.finished or (params.logprobs and out.new_token_ids)):
+        def chunk(i: int, out: RequestOutput) -> CompletionResponse | None:
+            choice = states[i].add(out)
+            first = (i, out.index) not in offsets
+            if not (first or out.new_text or out.choice_finished or (k is not None and out.new_token_ids)):
                 return None  # text held back (a possible stop string): nothing to say yet
-            piece = completion(out, out.new_text, text_offset)
-            text_offset += sum(len(t) for t in piece.choices[0].logprobs.tokens) if params.logprobs else 0
-            return piece
+            text = (echo_text(i) if first and body.echo else "") + out.new_text
+            offset = offsets.get((i, out.index), 0)
+            logprobs = logprobs_of(i, out.new_token_ids, out.new_logprobs or [], out.new_top_logprobs or [],
+                                   first, offset)
+            offsets[(i, out.index)] = offset + (sum(map(len, logprobs.tokens)) if logprobs is not None else len(text))
+            piece = CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
+                                     finish_reason=out.finish_reason if out.choice_finished else None)
+            return CompletionResponse(id=request_id, created=created, model=model, choices=[piece],
+                                      usage=usage(states) if body.continuous_usage else None)
 
-        def usage_chunk(last: RequestOutput) -> CompletionResponse:
-            return CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=_usage(last))
+        def usage_chunk() -> CompletionResponse:
+            return CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage(states))
 
-        return await _stream(outputs, chunk, usage_chunk if body.include_usage else None)
+        return await _stream(merge(streams), chunk, usage_chunk if body.include_usage else None)
 
     @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
                  responses={**event_stream_response(ChatCompletionChunk), **generation_errors})
@@ -111,112 +154,71 @@ def openai_router(engine: AsyncEngine, serve: ServeFn, list_tasks: Callable[[Cal
         # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
         messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                     for m in body.messages]
-        prompt_ids = chat_prompt_ids(backbone.tokenizer, messages)
-        params = _sampling_params(body, body.max_new_tokens, logprobs=bool(body.logprobs))
-        outputs = serve(caller, model, None, params, prompt_ids, request_id)
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)  # a long chat: off the loop
+        n = body.n or 1
+        params = sampling_params(body, body.max_new_tokens, logprobs=bool(body.logprobs),
+                                 top_logprobs=body.top_logprobs or 0, n=n)
+        streams = [serve(caller, model, None, params, prompt_ids, request_id)]
+        state = PromptChoices(n, 0)
 
-        def logprobs_of(out: RequestOutput) -> ChatLogprobs | None:
-            return _chat_logprobs(backbone.tokenizer, out) if params.logprobs else None
+        def logprobs_of(token_ids: list[int], logprobs: list[float], top: list):
+            return chat_logprobs(tokenizer, token_ids, logprobs, top) if params.logprobs else None
 
         if not body.stream:
-            last = await _collect(outputs)
-            choice = ChatChoice(message=ChatMessageOut(content=last.new_text), logprobs=logprobs_of(last),
-                                finish_reason=last.finish_reason)
-            return ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice],
-                                          usage=_usage(last))
+            await collect_all(streams, [state])
+            choices = [ChatChoice(index=c.index, message=ChatMessageOut(content="".join(c.text)),
+                                  logprobs=logprobs_of(c.token_ids, c.logprobs, c.top_logprobs),
+                                  finish_reason=c.finish_reason)
+                       for c in (state.choices[j] for j in sorted(state.choices))]
+            return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                          usage=usage([state]))
 
-        is_first = True
+        started_choices: set[int] = set()
 
-        def chunk(out: RequestOutput) -> ChatCompletionChunk | None:
-            nonlocal is_first
-            if not (is_first or out.new_text or out.finished or (params.logprobs and out.new_token_ids)):
+        def chunk(_: int, out: RequestOutput) -> ChatCompletionChunk | None:
+            choice: Choice = state.add(out)
+            first = out.index not in started_choices
+            if not (first or out.new_text or out.choice_finished or (params.logprobs and out.new_token_ids)):
                 return None
-            delta = ChatDelta(role="assistant" if is_first else None, content=out.new_text)
-            is_first = False
-            choice = ChatChunkChoice(delta=delta, logprobs=logprobs_of(out), finish_reason=out.finish_reason)
-            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
+            started_choices.add(out.index)
+            delta = ChatDelta(role="assistant" if first else None, content=out.new_text)
+            piece = ChatChunkChoice(index=choice.index, delta=delta,
+                                    logprobs=logprobs_of(out.new_token_ids, out.new_logprobs or [],
+                                                         out.new_top_logprobs or []),
+                                    finish_reason=out.finish_reason if out.choice_finished else None)
+            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[piece],
+                                       usage=usage([state]) if body.continuous_usage else None)
 
-        def usage_chunk(last: RequestOutput) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=_usage(last))
+        def usage_chunk() -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                       usage=usage([state]))
 
-        return await _stream(outputs, chunk, usage_chunk if body.include_usage else None)
+        return await _stream(merge(streams), chunk, usage_chunk if body.include_usage else None)
 
     return router
 
 
-def _sampling_params(body: SamplingFields, max_new_tokens: int | None, logprobs: bool) -> SamplingParams:
-    """OpenAI's defaults for what the client left out or sent as null; SamplingParams checks the ranges."""
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0, seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=bool(body.ignore_eos), min_tokens=body.min_tokens or 0, logprobs=logprobs,
-    )
-
-
-async def _collect(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """Fold every delta into one output that holds the whole text, tokens and logprobs."""
-    text, token_ids, logprobs, last = [], [], [], None
-    async for out in outputs:
-        text.append(out.new_text)
-        token_ids += out.new_token_ids
-        logprobs += out.new_logprobs or []
-        last = out
-    last.new_text, last.new_token_ids, last.new_logprobs = "".join(text), token_ids, logprobs
-    return last
-
-
-async def _stream(outputs: AsyncIterator[RequestOutput], chunk: ChunkBuilder,
-                  usage_chunk: ChunkBuilder | None) -> StreamingResponse:
+async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], chunk: ChunkBuilder,
+                  usage_chunk: Callable[[], BaseModel] | None) -> StreamingResponse:
     first = await anext(outputs)  # admission errors (unknown task, full queue) become a status code here
     return StreamingResponse(_sse(first, outputs, chunk, usage_chunk), media_type="text/event-stream")
 
 
-async def _sse(first: RequestOutput, rest: AsyncIterator[RequestOutput], chunk: ChunkBuilder,
-               usage_chunk: ChunkBuilder | None) -> AsyncIterator[str]:
+async def _sse(first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]],
+               chunk: ChunkBuilder, usage_chunk: Callable[[], BaseModel] | None) -> AsyncIterator[str]:
     """`data: {chunk}` events, the usage chunk if asked for, then `data: [DONE]`. Closing this
-    generator (the client left) closes `rest`, which aborts the request in the engine."""
+    generator (the client left) closes `rest`, which aborts the requests in the engine."""
     try:
-        out = first
-        while True:
-            piece = chunk(out)
+        item = first
+        while item is not None:
+            piece = chunk(*item)
             if piece is not None:
                 yield f"data: {piece.model_dump_json()}\n\n"
-            if out.finished:
-                break
-            out = await anext(rest)
+            item = await anext(rest, None)
         if usage_chunk is not None:
-            yield f"data: {usage_chunk(out).model_dump_json()}\n\n"
+            yield f"data: {usage_chunk().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     except PrefixServeError as exc:  # after the 200 went out, an error can only be an event (the client raises it)
         yield "data: " + json.dumps({"error": {"type": exc.code, "message": exc.message}}) + "\n\n"
     finally:
         await rest.aclose()
-
-
-def _usage(last: RequestOutput) -> Usage:
-    return Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_output_tokens,
-                 total_tokens=last.num_prompt_tokens + last.num_output_tokens)
-
-
-def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
-    # Each token decoded alone, as OpenAI shows them (a byte-level piece may decode to U+FFFD).
-    return [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in token_ids]
-
-
-def _completion_logprobs(tokenizer, out: RequestOutput, offset: int) -> CompletionLogprobs:
-    tokens, logprobs = _token_texts(tokenizer, out.new_token_ids), out.new_logprobs or []
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, text_offset=offsets,
-                              top_logprobs=[{t: lp} for t, lp in zip(tokens, logprobs)])
-
-
-def _chat_logprobs(tokenizer, out: RequestOutput) -> ChatLogprobs:
-    tokens = _token_texts(tokenizer, out.new_token_ids)
-    return ChatLogprobs(content=[ChatTokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
-                                 for t, lp in zip(tokens, out.new_logprobs or [])])

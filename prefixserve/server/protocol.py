@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 
 def accepts(**keywords_by_type: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
@@ -28,12 +28,80 @@ STOP = accepts(string=_STOP_STRING, array={"items": {"type": "string", **_STOP_S
 STOP_TOKEN_IDS = accepts(array={"items": {"type": "integer", "minimum": 0}})
 
 
+# Mirrors of SamplingParams' bounds (the engine is not imported here; it checks them again).
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+PENALTY = accepts(number={"minimum": -2, "maximum": 2}, integer={"minimum": -2, "maximum": 2})
+MAX_GRAMMAR_CHARS = 65536  # a schema, regex or grammar as text: bounds compile work before any starts
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} : any JSON value
+    strict: StrictBool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError(f"expected json_schema exactly when type is 'json_schema', found type {self.type!r} "
+                             f"{'with' if self.json_schema is not None else 'without'} json_schema")
+        return self
+
+
+class SteeringFields(BaseModel):
+    """What both APIs add to plain sampling: penalties, logit_bias and structured outputs (OpenAI's
+    `response_format` and vLLM's guided_* extensions; at most one of them per request)."""
+
+    presence_penalty: StrictFloat | None = Field(None, json_schema_extra=PENALTY)
+    frequency_penalty: StrictFloat | None = Field(None, json_schema_extra=PENALTY)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0, le=100)  # vLLM's; 1 = off
+    # token id (as a string, JSON keys are strings) -> bias, clamped to [-100, 100] as OpenAI does
+    logit_bias: dict[str, StrictFloat] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema (object or its text)
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)  # Lark (llguidance)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit()):  # "²" is a digit to isdigit, not to int
+                raise ValueError(f"expected logit_bias keys to be token ids (decimal strings such as \"1234\"), "
+                                 f"found {key!r:.40}")
+        return bias
+
+    @model_validator(mode="after")
+    def _one_format(self):
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"expected at most one structured output option, found {', '.join(given)}")
+        return self
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(SteeringFields):
     # Numbers and booleans are strict: "5" or 1.0 for max_new_tokens, or 1 for a flag, is a 400 rather than
     # a guess (a float field still takes a JSON integer such as 0 or 1).
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +119,7 @@ class GenerateRequest(BaseModel):
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, json_schema_extra=NON_NEGATIVE)
     logprobs: StrictBool = False
+    top_logprobs: StrictInt = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token (implies logprobs)
     stream: StrictBool = False
 
     @model_validator(mode="after")
@@ -68,6 +137,7 @@ class GenerateResponse(BaseModel):
     finish_reason: str | None
     usage: dict[str, int]
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None  # per token: token id (as a string) -> logprob
 
 
 class ErrorBody(BaseModel):

@@ -1,6 +1,8 @@
 """Malformed request bodies over real HTTP: each is a 400 that says what was expected and what was
 found, and the server goes on serving (no 500, nothing left in the engine)."""
 
+import json
+
 import pytest
 
 from prefixserve.engine.request import MAX_STOP_CHARS
@@ -102,12 +104,23 @@ def test_integers_are_still_accepted_where_floats_are_expected(client):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
     ("/v1/completions", {"prompt": "Hi"}),
 ])
-def test_structured_outputs_are_refused_not_ignored(client, path, body):
+def test_structured_outputs_are_honoured_and_bad_ones_refused(client, path, body):
     base = {"model": "base", "max_tokens": 2, **body}
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    for response_format in (schema, {"type": "json_object"}):
-        assert_400(client.post(path, json={**base, "response_format": response_format}),
-                   "structured outputs are not supported", response_format["type"])
+    for response_format, needle in [
+        ({"type": "json_schema"}, "expected json_schema exactly when type is 'json_schema'"),
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "maxProperties": -1}}},
+         "cannot be compiled"),
+    ]:
+        assert_400(client.post(path, json={**base, "response_format": response_format}), needle)
+    raw = json.dumps({**base, "guided_regex": "@"}).replace('"@"', LONE_SURROGATE)
+    assert_400(post_raw(client, path, raw), "guided_regex", "unicode")
+    for honoured in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object"}}}):
+        resp = client.post(path, json={**base, "response_format": honoured})
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        assert (choice.get("text") or choice.get("message", {}).get("content")).startswith("{")
     for fine in ({"type": "text"}, None):
         resp = client.post(path, json={**base, "response_format": fine})
         assert resp.status_code == 200, resp.text
@@ -120,10 +133,11 @@ def test_tools_are_refused_not_ignored(client):
     assert client.post("/v1/chat/completions", json={**body, "tools": []}).status_code == 200
 
 
-def test_the_openai_client_sees_structured_outputs_refused(server):
+def test_the_openai_client_sees_an_uncompilable_schema_refused(server):
     import openai
 
     with openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60) as oai, \
-            pytest.raises(openai.BadRequestError, match="structured outputs are not supported"):
+            pytest.raises(openai.BadRequestError, match="json_schema output format cannot be compiled"):
         oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                    response_format={"type": "json_object"})
+                                    response_format={"type": "json_schema", "json_schema": {
+                                        "name": "x", "schema": {"type": "array", "minItems": "two"}}})

@@ -92,12 +92,21 @@ def test_unknown_model_is_not_found_before_any_stream(oai, stream):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"n": 2}, "expected n=1"),
+    ({"n": 17}, "less than or equal to 16"),
+    ({"n": 3, "best_of": 2}, "expected best_of >= n"),
+    ({"best_of": 3, "stream": True}, "cannot stream"),
     ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
-    ({"prompt": ["one", "two"]}, "found a list of 2 strings"),
-    ({"echo": True}, "echo is not supported"),
+    ({"prompt": ["one"] * 33}, "at most 32 prompts"),
+    ({"prompt": ["one", [1, 2]]}, "mixing"),
+    ({"logprobs": 21}, "less than or equal to 20"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"logit_bias": {"hello": 5}}, "token ids"),
+    ({"logit_bias": {"99999999": 5}}, "logit_bias keys must be token ids in"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"extra_body": {"top_k": "many"}}, "top_k"),
+    ({"extra_body": {"guided_regex": "(unclosed"}}, "regex output format cannot be compiled"),
+    ({"extra_body": {"guided_regex": "[0-9]+", "guided_choice": ["a"]}}, "at most one structured output"),
 ])
 def test_bad_completion_requests_are_400s_that_say_why(oai, kwargs, message):
     args = {"model": "base", "prompt": "hi", "max_tokens": 2, **kwargs}
@@ -106,8 +115,15 @@ def test_bad_completion_requests_are_400s_that_say_why(oai, kwargs, message):
 
 
 def test_bad_chat_requests_are_400s_that_say_why(oai):
-    with pytest.raises(openai.BadRequestError, match="expected n=1"):
-        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], n=2)
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="needs logprobs true"):
+        oai.chat.completions.create(model="base", messages=hi, top_logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        oai.chat.completions.create(model="base", messages=hi, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match="json_schema output format cannot be compiled"):
+        oai.chat.completions.create(model="base", messages=hi, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "a"}}})
     with pytest.raises(openai.BadRequestError, match="messages"):
         oai.chat.completions.create(model="base", messages=[])
 
