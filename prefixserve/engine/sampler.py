@@ -69,8 +69,7 @@ class Sampler:
             ids, biases = zip(*requests[i].params.logit_bias)
             logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
         if penalized:
-            rows = torch.tensor(penalized, device=logits.device)
-            logits[rows] = apply_penalties(logits[rows], [requests[i] for i in penalized])
+            apply_penalties(logits, [requests[i] for i in penalized], penalized)
         return logits
 
     @staticmethod
@@ -93,33 +92,41 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=request.generator))
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """logits: [P, vocab], one row per request that uses a penalty. As vLLM: the repetition penalty
-    covers prompt and output tokens (positive logits divided by it, negative ones multiplied), the
-    frequency and presence penalties only the output (OpenAI's definition)."""
+def apply_penalties(logits: torch.Tensor, requests: list[Request], rows: list[int] | None = None) -> torch.Tensor:
+    """logits: [N, vocab], changed in place and returned; requests[i] owns row rows[i] (row i by default).
+    As vLLM: the repetition penalty covers prompt and output tokens (positive logits divided by it,
+    negative ones multiplied), the frequency and presence penalties only the output (OpenAI's definition).
+
+    Only the tokens a request has seen move, so the work is a gather and a scatter over those
+    (O(prompt + output)), not passes over [rows, vocab]: on CPU the dense form cost ~0.6 ms a row."""
     device, vocab = logits.device, logits.shape[1]
-    # Output token counts: one scatter over the rows, padded with a column past the vocabulary.
-    outputs = [r.output_token_ids for r in requests]
-    width = max(map(len, outputs), default=0)
-    counts = torch.zeros(len(requests), vocab + 1, device=device)
-    if width:
-        ids = torch.full((len(requests), width), vocab, dtype=torch.long)
-        for row, out in enumerate(outputs):
-            ids[row, :len(out)] = torch.tensor(out, dtype=torch.long)
-        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
-    counts = counts[:, :vocab]  # [P, vocab]
-    params = [r.params for r in requests]
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    if (repetition != 1.0).any():
-        seen = counts > 0
-        for row, r in enumerate(requests):
-            if r.params.repetition_penalty != 1.0:
-                seen[row, torch.tensor(r.prompt_token_ids, device=device)] = True
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    rows = list(range(len(requests))) if rows is None else rows
+    # One key per (row, token): row * vocab + token, so a single unique() counts every row at once.
+    output_keys = [torch.tensor(r.output_token_ids, dtype=torch.long) + row * vocab
+                   for row, r in zip(rows, requests)]
+    out_keys, out_counts = torch.unique(torch.cat(output_keys), return_counts=True)
+    prompt_keys = [torch.tensor(r.prompt_token_ids, dtype=torch.long) + row * vocab
+                   for row, r in zip(rows, requests) if r.params.repetition_penalty != 1.0]
+    keys = torch.unique(torch.cat([out_keys, *prompt_keys]))  # sorted
+    if keys.numel() == 0:
+        return logits
+    at = torch.searchsorted(out_keys, keys).clamp(max=max(out_keys.numel() - 1, 0))
+    in_output = out_keys[at] == keys if out_keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+    counts = torch.where(in_output, out_counts[at] if out_counts.numel() else 0, 0).to(logits.dtype)
+    row_of, token_of = keys // vocab, keys % vocab
+    # Per-logits-row parameters, looked up by each key's row.
+    table = torch.zeros(logits.shape[0], 3, dtype=logits.dtype)
+    table[:, 0] = 1.0
+    for row, r in zip(rows, requests):
+        table[row] = torch.tensor([r.params.repetition_penalty, r.params.frequency_penalty,
+                                   r.params.presence_penalty], dtype=logits.dtype)
+    repetition, frequency, presence = table[row_of].to(device).unbind(1)
+    row_of, token_of, counts = row_of.to(device), token_of.to(device), counts.to(device)
+    values = logits[row_of, token_of]
+    values = torch.where(values > 0, values / repetition, values * repetition)
+    values = values - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    logits[row_of, token_of] = values
+    return logits
 
 
 def top_k_logprobs(log_probs: torch.Tensor, ks: list[int]) -> list[TopLogprobs]:

@@ -40,6 +40,19 @@ def test_penalties_match_their_definitions():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_penalties_touch_only_the_rows_they_are_given():
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
+    first = Request("a", [3], SamplingParams(repetition_penalty=2.0))  # no output yet: the prompt alone counts
+    second = Request("b", [1], SamplingParams(frequency_penalty=1.0))
+    second.token_ids += [7, 7]
+    out = apply_penalties(logits.clone(), [first, second], rows=[2, 0])
+    expected = logits.clone()
+    x = logits[2, 3]
+    expected[2, 3] = x / 2.0 if x > 0 else x * 2.0
+    expected[0, 7] -= 2.0
+    assert torch.equal(out, expected)
+
+
 @torch.inference_mode()
 def penalized_greedy(hf_model, prompt, num_tokens, presence, frequency, repetition):
     """The reference: transformers' logits, penalties applied by their definitions, argmax."""
