@@ -6,7 +6,8 @@ Llama-3.2-1B-like attention (16 heads, 8 KV heads, head_dim 64/128, fp16, page 1
   prefix    prefix-segment overhead: prefix P + own C against plain paged decode of P + C own tokens;
   cascade   per-sequence mixed-prefix decode vs cascade for 1/8/64 tasks per batch;
   prefill   prefix-aware chunked prefill vs the reference;
-  lora      batched LoRA (16 adapters, rank 16, 2048 -> 2048) vs a per-adapter torch loop.
+  lora      batched LoRA (16 adapters of rank 16 on scattered rows of one pool, 2048 -> 2048)
+            vs a per-adapter torch loop over dense weights.
 Bandwidth counts the KV bytes each sequence reads (a prefix shared by several sequences counts once
 per sequence), so shared prefixes served from L2 can exceed the copy bandwidth.
 
@@ -148,26 +149,36 @@ def bench_prefill(s, device, timer) -> list[dict]:
     return rows
 
 
-def bench_lora(s, device, timer, num_slots=16, rank=16, hidden=2048) -> list[dict]:
-    from prefixserve.kernels.lora import add_lora, lora_batch_metadata
+def bench_lora(s, device, timer, num_adapters=16, rank=16, hidden=2048) -> list[dict]:
+    import numpy as np
 
-    a = torch.randn(num_slots, rank, hidden, dtype=DTYPE, device=device) / 32
-    b = torch.randn(num_slots, hidden, rank, dtype=DTYPE, device=device) / 32
-    scaling = torch.full((num_slots,), 2.0, device=device)
+    from prefixserve.kernels.lora import add_lora
+    from prefixserve.kernels.lora_meta import ZERO_ROW, lora_batch_metadata
+
+    pool_rows = 1 + num_adapters * rank  # every adapter's rows, and the zero row
+    a = torch.randn(pool_rows, hidden, dtype=DTYPE, device=device) / 32  # [pool_rows, in]
+    b = torch.randn(pool_rows, hidden, dtype=DTYPE, device=device) / 32  # [pool_rows, out]
+    a[ZERO_ROW] = b[ZERO_ROW] = 0
+    owned = (torch.randperm(pool_rows - 1) + 1).view(num_adapters, rank)  # scattered rows, as after churn
+    segment_rows = owned.tolist()
+    # The loop gets each adapter's weights dense and contiguous, as a model holding PEFT tensors would.
+    dense = [(a[ids].contiguous(), b[ids].contiguous()) for ids in owned.to(device)]  # [r, in], [r, out]
+    scale = 2.0
     rows = []
     for n in s["lora_tokens"]:
         x = torch.randn(n, hidden, dtype=DTYPE, device=device)
         y = torch.randn(n, hidden, dtype=DTYPE, device=device)
-        slots = torch.randint(0, num_slots, (n,), device=device)
-        meta = lora_batch_metadata(slots)
-        groups = [(i, (slots == i).nonzero().squeeze(1)) for i in range(num_slots)]
+        token_adapters = np.random.default_rng(n).integers(0, num_adapters, n)  # segment s = adapter s
+        meta = lora_batch_metadata(token_adapters, segment_rows, [scale] * num_adapters, torch.device(device))
+        groups = [(i, torch.from_numpy(np.flatnonzero(token_adapters == i)).to(device)) for i in range(num_adapters)]
         groups = [(i, idx) for i, idx in groups if idx.numel()]
 
         def loop(x=x, y=y, groups=groups):  # what a model without a batched op does
             for i, idx in groups:
-                y[idx] += scaling[i] * ((x[idx] @ a[i].T) @ b[i].T)
+                a_i, b_i = dense[i]
+                y[idx] += scale * ((x[idx] @ a_i.T) @ b_i)
 
-        t_triton = timer(lambda x=x, y=y, meta=meta: add_lora(x, y, a, b, scaling, meta))
+        t_triton = timer(lambda x=x, y=y, meta=meta: add_lora(x, y, a, b, meta))
         t_loop = timer(loop)
         rows.append({"tokens": n, "triton_us": t_triton * 1e3, "torch_loop_us": t_loop * 1e3,
                      "speedup": t_loop / t_triton})

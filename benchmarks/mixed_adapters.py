@@ -106,7 +106,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = build_tasks(base, path, Path(tmp), args.tasks)
-        engine = LLMEngine.from_config(EngineConfig(cache=CacheConfig(), max_lora_slots=args.tasks))
+        engine = LLMEngine.from_config(EngineConfig(cache=CacheConfig()))
         for name, (_, folder) in tasks.items():
             engine.register_adapter(name, import_peft(folder, arch=engine.backbone.arch,
                                                       fingerprint=engine.adapters.fingerprint,

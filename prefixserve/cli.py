@@ -59,10 +59,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                              "than --request-timeout, so a request that pinned it on any replica still finds it")
     parser.add_argument("--host-cache-mb", type=int, default=EngineConfig.host_cache_bytes >> 20,
                         help="decoded adapters kept in host memory")
-    parser.add_argument("--max-lora-slots", type=int, default=EngineConfig.max_lora_slots,
-                        help="LoRA adapters resident at once")
+    parser.add_argument("--lora-memory-mb", type=int, default=None,
+                        help="device memory for resident LoRA weights, in MiB (an upper bound; default: room for "
+                             "--max-num-seqs adapters of rank 16 on all seven projections); an adapter of rank r "
+                             "takes r of the ranks it buys, whatever the other adapters' ranks")
     parser.add_argument("--max-lora-rank", type=int, default=AdapterLimits.max_lora_rank,
-                        help="largest LoRA rank accepted; the slot stacks are sized by it")
+                        help="largest LoRA rank accepted at upload; the LoRA memory must hold one adapter of it")
     parser.add_argument("--adapter", action="append", default=[], metavar="TASK=PATH",
                         help="serve a task from the start: a PEFT adapter folder or .tar/.tar.gz/.zip of one, or a "
                              "prefixserve .safetensors artifact (repeatable)")
@@ -77,7 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                   max_waiting=args.max_waiting),
         num_threads=args.threads,
         adapters=AdapterLimits(max_lora_rank=args.max_lora_rank),
-        max_lora_slots=args.max_lora_slots,
+        lora_memory_bytes=None if args.lora_memory_mb is None else args.lora_memory_mb << 20,
         host_cache_bytes=args.host_cache_mb << 20,
     )
 

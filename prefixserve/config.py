@@ -62,7 +62,7 @@ class SchedulerConfig:
 class AdapterLimits:
     """Bounds on what a task artifact may hold; anything larger is refused at upload."""
 
-    max_lora_rank: int = 16  # LoRA slot stacks are sized by it (vLLM's default too)
+    max_lora_rank: int = 64  # the LoRA pool holds ranks 1..this side by side, each adapter at its own rank
     max_virtual_tokens: int = 512
     max_intrinsic_dim: int = 1024
     max_artifact_bytes: int = 256 << 20
@@ -78,6 +78,12 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     adapters: AdapterLimits = field(default_factory=AdapterLimits)
-    max_lora_slots: int = 16  # LoRA adapters resident on the device at once
+    # Device memory for resident LoRA weights (an upper bound: storage grows with what is resident).
+    # None: room for max_num_seqs adapters of rank 16 on all seven projections (engine/lora_pool.py).
+    lora_memory_bytes: int | None = None
     host_cache_bytes: int = 512 << 20  # decoded adapters kept in host memory (LRU)
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self):
+        expect(self.lora_memory_bytes is None or self.lora_memory_bytes > 0, ConfigError,
+               f"lora_memory_bytes must be positive, found {self.lora_memory_bytes}")

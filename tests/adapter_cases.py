@@ -43,6 +43,10 @@ def peft_configs(tokenizer_dir: Path) -> dict[str, object]:
                                      init_lora_weights=False),
         "lora-all-linear": LoraConfig(task_type=CAUSAL, r=8, lora_alpha=16, target_modules=ALL_LINEAR,
                                       use_rslora=True, init_lora_weights=False),
+        # beside ranks 4 and 8: ranks 1..64 share the LoRA pool unpadded, in separate rank buckets
+        "lora-rank64": LoraConfig(task_type=CAUSAL, r=64, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                          "o_proj"],
+                                  init_lora_weights=False),
     }
 
 

@@ -192,7 +192,7 @@ class LoRAKind(AdapterKind):
     @classmethod
     def derived_values(cls, config: dict, tensors: Tensors) -> Tensors:
         # A finite alpha can still give a scaling past float32's range (alpha 1e308 / rank 8), which
-        # the slots' float32 scaling tensor cannot hold: computed here in float64, checked after the cast.
+        # the LoRA metadata's float32 scaling cannot hold: computed here in float64, checked after the cast.
         rank = f"sqrt(rank {config['rank']})" if config["use_rslora"] else f"rank {config['rank']}"
         return {f"scaling (alpha {config['alpha']:g} / {rank})": torch.tensor(cls.scaling(config),
                                                                            dtype=torch.float64)}

@@ -1,16 +1,16 @@
 """Task adapters: which version each task serves, and where each version lives.
 
-Tiers: device (compiled KV prefix pages / LoRA slots) <- host cache (decoded artifacts, LRU in
+Tiers: device (compiled KV prefix pages / LoRA pool rows) <- host cache (decoded artifacts, LRU in
 bytes) <- store (bytes; a local directory or Redis). Every prompt-style kind is compiled once per
 version into KV pages shared read-only by all its requests, reference-counted: one reference for
-the resident copy, one per request. LoRA versions occupy a slot.
+the resident copy, one per request. A LoRA version owns one row of the LoRA pool per rank.
 
 Versions are pinned per request: `resolve` (any thread) gives a new request the task's current
 version, and the request keeps it to the end, so an upload only affects later requests. Store
 events (uploads through any replica) update the task pointers; a replaced version is freed when
 its last request ends. A request whose version is not on the device waits, while the others run,
 until a background loader has fetched it and the engine thread has compiled it (`poll`). Idle
-versions are evicted least-recently-used first when pages or slots run short; a version in use
+versions are evicted least-recently-used first when pages or pool rows run short; a version in use
 never is.
 
 A version that passed validation but fails on the device (its compile raises, or a step running it
@@ -38,6 +38,7 @@ from prefixserve.adapters_store.store import AdapterStore, StoreEvent
 from prefixserve.config import AdapterLimits
 from prefixserve.engine.host_cache import HostCache
 from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.request import check_context_room
 from prefixserve.errors import (
@@ -81,7 +82,7 @@ class AdapterHandle:
     kind: str
     prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
     prefix_len: int = 0
-    lora_slot: int = -1  # lora: its slot in the stacked weights
+    lora: LoRAAllocation | None = None  # lora: its rows in the pool
     num_users: int = 0  # requests holding it
 
 
@@ -310,7 +311,7 @@ class AdapterManager:
                     self.host.put(artifact)
                 handle = self._make_resident(version, future.result()[0])
             except EngineOverloadedError:
-                # Every page or slot is held by running requests: wait for one to finish, retry then.
+                # Every page or pool row is held by running requests: wait for one to finish, retry then.
                 self._loading[version], self._waiting[version] = future, requests
                 continue
             except AdapterFailedError as exc:
@@ -423,9 +424,11 @@ class AdapterManager:
         handle = AdapterHandle(version, artifact.kind)
         tensors = artifact.tensors
         if artifact.kind == "lora":
-            if not self.runner.lora_slots.num_free:
-                self._evict_idle(lambda: self.runner.lora_slots.num_free > 0, lora_only=True)
-            handle.lora_slot = self._load_lora(artifact)
+            rank = artifact.config["rank"]
+            pool = self.runner.lora_pool
+            if pool.num_free_rows < rank:
+                self._evict_idle(lambda: pool.num_free_rows >= rank, lora_only=True)
+            handle.lora = self._load_lora(artifact)
         else:
             if artifact.kind == "prefix":
                 num_tokens = tensors["keys"].shape[1]
@@ -475,20 +478,20 @@ class AdapterManager:
                                             embeddings}, self.runner.dtype)
         return embeddings
 
-    def _load_lora(self, artifact: Artifact) -> int:
+    def _load_lora(self, artifact: Artifact) -> LoRAAllocation:
         weights = {}
         for name, a in artifact.tensors.items():
             match = _LORA_KEY.match(name)
             if match:
                 layer, target = int(match.group(1)), match.group(2)
                 weights[(layer, target)] = (a, artifact.tensors[f"layers.{layer}.{target}.lora_b"])
-        return self.runner.lora_slots.load(weights, get_kind("lora").scaling(artifact.config))
+        return self.runner.lora_pool.load(weights, get_kind("lora").scaling(artifact.config))
 
     def _evict_idle(self, enough, lora_only: bool = False) -> None:
         for handle in list(self._resident.values()):  # least recently used first
             if enough():
                 return
-            if not handle.num_users and (handle.lora_slot >= 0 if lora_only else True):
+            if not handle.num_users and (handle.lora is not None if lora_only else True):
                 self._drop(handle)
                 self.device_evictions += 1
 
@@ -503,6 +506,6 @@ class AdapterManager:
     def _drop(self, handle: AdapterHandle) -> None:
         del self._resident[handle.version]
         self.pages.free(handle.prefix_pages)
-        if handle.lora_slot >= 0:
-            self.runner.lora_slots.free(handle.lora_slot)
+        if handle.lora is not None:
+            self.runner.lora_pool.free(handle.lora)
 

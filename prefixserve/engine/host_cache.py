@@ -1,5 +1,5 @@
 """Decoded adapter artifacts in host memory: an LRU bounded in bytes. The tier between the store
-(bytes, maybe remote) and the device (compiled prefixes, LoRA slots). Engine thread only."""
+(bytes, maybe remote) and the device (compiled prefixes, LoRA pool rows). Engine thread only."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from prefixserve.engine.adapters import AdapterManager
 from prefixserve.engine.detokenizer import IncrementalDetokenizer
 from prefixserve.engine.fault_isolation import execute_by_version
 from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.lora_pool import DEFAULT_BUDGET_RANK, bytes_per_row, pool_rows_for
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.request import (
     Request,
@@ -67,7 +68,7 @@ class LLMEngine:
         num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
         self.pages = KVPageManager(num_pages, page_size)
         self.pool_tokens = num_pages * page_size  # what one request's own tokens can never outgrow
-        self.runner = ModelRunner(backbone, num_pages, page_size, config.max_lora_slots, config.adapters.max_lora_rank)
+        self.runner = ModelRunner(backbone, num_pages, page_size, self._lora_pool_rows(backbone, config))
         self.store = store if store is not None else LocalStore(Path(tempfile.mkdtemp(prefix="prefixserve-adapters-")))
         self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters, self.store,
                                        config.host_cache_bytes)
@@ -86,6 +87,21 @@ class LLMEngine:
         """Stop the adapter loaders and release the store (its connections and event thread)."""
         self.adapters.close()
         self.store.close()
+
+    @property
+    def max_loras(self) -> int:
+        """Adapters of rank 16 the LoRA pool holds at once (more of lower ranks, fewer of higher):
+        what vLLM's max_lora label means to a LoRA-affinity router."""
+        return self.runner.lora_pool.max_rows // DEFAULT_BUDGET_RANK
+
+    @staticmethod
+    def _lora_pool_rows(backbone: Backbone, config: EngineConfig) -> int:
+        dtype = next(backbone.model.parameters()).dtype
+        budget = config.lora_memory_bytes
+        if budget is None:
+            ranks = max(config.scheduler.max_num_seqs * DEFAULT_BUDGET_RANK, config.adapters.max_lora_rank)
+            budget = ranks * bytes_per_row(backbone.arch, dtype)
+        return pool_rows_for(backbone.arch, dtype, budget, config.adapters.max_lora_rank)
 
     @staticmethod
     def _default_num_pages(backbone: Backbone, config: EngineConfig) -> int:

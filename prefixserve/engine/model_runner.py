@@ -1,4 +1,4 @@
-"""Owns the device state (KV pool, LoRA slots); turns a SchedulerOutput into flat varlen batch
+"""Owns the device state (KV pool, LoRA pool); turns a SchedulerOutput into flat varlen batch
 metadata and runs the backbone. Only the rows that will be sampled reach the LM head."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from prefixserve.engine.lora_slots import LoRASlots
+from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
 from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler import SchedulerOutput
 from prefixserve.kernels.kv_store import store_kv
-from prefixserve.kernels.lora import lora_batch_metadata
+from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
 from prefixserve.models.llama import LoRAStep
 from prefixserve.models.loader import Backbone
@@ -45,7 +45,7 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, backbone: Backbone, num_pages: int, page_size: int, max_lora_slots: int, max_lora_rank: int):
+    def __init__(self, backbone: Backbone, num_pages: int, page_size: int, lora_pool_rows: int):
         self.backbone = backbone
         self.page_size = page_size
         a = backbone.arch
@@ -59,7 +59,7 @@ class ModelRunner:
         storage = torch.zeros(a.num_layers, 2, a.num_kv_heads, num_pages, page_size, a.head_dim,
                               dtype=self.dtype, device=self.device)
         self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
-        self.lora_slots = LoRASlots(a, max_lora_slots, max_lora_rank, self.dtype, self.device)
+        self.lora_pool = LoRAPool(a, lora_pool_rows, self.dtype, self.device)
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:
@@ -152,7 +152,8 @@ class ModelRunner:
         page_table = np.zeros((num_seqs, max_pages), dtype=np.int32)
         prefix_page_table = np.zeros((num_seqs, max_prefix_pages), dtype=np.int32)
         logits_indices, sampling, scoring = [], [], []
-        any_lora = False
+        segment_of: dict[int, int] = {}
+        lora_segments: list[LoRAAllocation] = []
         for s, (request, n) in enumerate(zip(step.requests, step.num_new_tokens)):
             start = request.num_computed_tokens
             pages = np.asarray(request.page_ids, dtype=np.int64)
@@ -162,9 +163,13 @@ class ModelRunner:
             token_chunks.append(request.token_ids[start:start + n])
             position_chunks.append(pos + prefix_len)  # real tokens start after the task's virtual tokens
             slot_chunks.append(pages[pos // page_size] * page_size + pos % page_size)
-            lora_slot = handle.lora_slot if handle is not None else -1
-            lora_chunks.append(np.full(n, lora_slot, dtype=np.int64))
-            any_lora |= lora_slot >= 0
+            allocation = handle.lora if handle is not None else None
+            segment = -1
+            if allocation is not None:  # one segment per resident adapter (its requests and n choices share it)
+                segment = segment_of.setdefault(id(allocation), len(segment_of))
+                if segment == len(lora_segments):
+                    lora_segments.append(allocation)
+            lora_chunks.append(np.full(n, segment, dtype=np.int64))
             cu_seqlens[s + 1] = cu_seqlens[s] + n
             seq_lens[s] = start + n
             page_table[s, :len(pages)] = pages
@@ -192,14 +197,10 @@ class ModelRunner:
             max_prefix_len=int(prefix_lens.max()),
         )
         lora = None
-        if any_lora:  # plain and prompt-style batches skip every LoRA op
-            token_slots = np.concatenate(lora_chunks)
-            slots = self.lora_slots
-            if device.type == "cuda":
-                lora_meta = lora_batch_metadata(torch.from_numpy(token_slots).to(device))
-                lora = LoRAStep(slots.stacks, slots.scaling, meta=lora_meta)
-            else:
-                lora = LoRAStep(slots.stacks, slots.scaling, segments=slots.segments(token_slots, device))
+        if lora_segments:  # plain and prompt-style batches skip every LoRA op
+            lora_meta = lora_batch_metadata(np.concatenate(lora_chunks), [a.rows for a in lora_segments],
+                                            [a.scaling for a in lora_segments], device)
+            lora = LoRAStep(self.lora_pool.pools, lora_meta)
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
         logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)

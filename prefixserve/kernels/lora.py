@@ -1,22 +1,26 @@
-"""Batched multi-adapter LoRA over tokens grouped by adapter slot (SGMV-style), Triton on CUDA.
+"""Batched multi-adapter LoRA over a row pool (S-LoRA/Punica style SGMV), Triton on CUDA.
 
-  shrink: h[t] = x[t] @ A[slot(t)]^T                  h: [num_tokens, max_rank] fp32
-  expand: y[t] += scaling[slot(t)] * h[t] @ B[slot(t)]^T
+  shrink: h[t, :r] = x[t] @ A[rows(s)]^T                 h: [num_tokens, max_rank] fp32
+  expand: y[t] += scaling[s] * h[t, :r] @ B[rows(s)]      for token t of segment s, rank r
 
-Adapters live in preallocated stacked slots, addressed by stride (no pointer tables):
-lora_a [num_slots, max_rank, in_features], lora_b [num_slots, out_features, max_rank]; a smaller
-rank is zero-padded up to max_rank. The batch's tokens are sorted by slot once per step
-(`lora_batch_metadata`); every projection of every layer reuses that metadata through `add_lora`.
-A segment with slot -1 (plain backbone tokens) is skipped: its rows of y are left untouched.
+Each projection keeps one pool per layer: lora_a [pool_rows, in_features] and lora_b [pool_rows,
+out_features], where row j of lora_b is column j of PEFT's B, so both kernels read whole rows. An
+adapter of rank r owns r arbitrary pool rows; `lora_meta.lora_batch_metadata` lists them per
+segment (`segment_rows`) once per step, and the kernels gather A and B rows by id: no padding to
+a maximum rank, no stacked slots. A segment with rank 0 or no tokens is skipped, as are tokens in
+no segment: their rows of y are left untouched and their rows of h stay zero.
 
-triton is imported softly: CPU-only installs have none, and `add_lora` then runs the references.
+`add_lora` is the one call per projection: these kernels on CUDA, `lora_grouped` elsewhere. The
+`*_reference` functions are plain loops over segments, the ground truth for the tests.
+triton is imported softly: CPU-only installs have none and never launch the kernels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from prefixserve.kernels.lora_grouped import add_lora_grouped
+from prefixserve.kernels.lora_meta import LoRABatchMetadata
 
 try:
     import triton
@@ -30,30 +34,10 @@ except ImportError:  # kernels below are never launched without triton; the refe
         return fn
 
 
-@dataclass
-class LoRABatchMetadata:
-    """Tokens grouped by adapter slot; built once per step, shared by every LoRA projection."""
-
-    token_indices: torch.Tensor  # [num_tokens] int32: token rows of x / y, sorted by slot
-    num_tokens_per_slot: torch.Tensor  # [num_segments] int32: may be 0 (empty slot)
-    slot_start_offsets: torch.Tensor  # [num_segments] int32: first entry of each segment in token_indices
-    slot_ids: torch.Tensor  # [num_segments] int32: adapter slot of each segment, -1 = no LoRA
-    max_tokens_per_slot: int  # host-side maximum of num_tokens_per_slot: sizes the launch grid
-
-
-def lora_batch_metadata(token_slots: torch.Tensor) -> LoRABatchMetadata:
-    """token_slots: [num_tokens] slot of each token, -1 = none. One sort and one sync per step."""
-    order = torch.argsort(token_slots, stable=True)
-    slot_ids, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
-    starts = counts.cumsum(0) - counts
-    return LoRABatchMetadata(order.to(torch.int32), counts.to(torch.int32), starts.to(torch.int32),
-                             slot_ids.to(torch.int32), int(counts.max()) if counts.numel() else 0)
-
-
 @_jit
 def _lora_shrink_kernel(
-    x_ptr, lora_a_ptr, h_ptr, token_indices_ptr, num_tokens_per_slot_ptr, slot_start_offsets_ptr, slot_ids_ptr,
-    in_features, max_rank, k_per_split, stride_xt, stride_as, stride_ar, stride_ht,
+    x_ptr, lora_a_ptr, h_ptr, token_indices_ptr, num_tokens_per_segment_ptr, segment_start_offsets_ptr,
+    segment_rows_ptr, segment_ranks_ptr, in_features, k_per_split, stride_xt, stride_ar, stride_rs, stride_ht,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
@@ -61,27 +45,31 @@ def _lora_shrink_kernel(
     segment = tl.program_id(0)
     m_block = tl.program_id(1)
     k_split = tl.program_id(2)
-    slot = tl.load(slot_ids_ptr + segment)
-    num_tokens = tl.load(num_tokens_per_slot_ptr + segment)
-    if (slot < 0) | (m_block * BLOCK_M >= num_tokens):
+    rank = tl.load(segment_ranks_ptr + segment)
+    num_tokens = tl.load(num_tokens_per_segment_ptr + segment)
+    if (rank == 0) | (m_block * BLOCK_M >= num_tokens):
         return
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < num_tokens
-    tokens = tl.load(token_indices_ptr + tl.load(slot_start_offsets_ptr + segment) + rows, mask=row_mask, other=0)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < num_tokens
+    tokens = tl.load(token_indices_ptr + tl.load(segment_start_offsets_ptr + segment) + offs_m, mask=m_mask,
+                     other=0).to(tl.int64)  # [BLOCK_M]
     offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank  # the table is max_rank wide and BLOCK_R >= max_rank: masks both
+    pool_rows = tl.load(segment_rows_ptr + segment * stride_rs + offs_r, mask=r_mask, other=0)  # [BLOCK_R]
     offs_k = tl.arange(0, BLOCK_K)
-    a_base = lora_a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None] * stride_ar  # [BLOCK_R, 1]
-    x_base = x_ptr + tokens.to(tl.int64)[:, None] * stride_xt  # [BLOCK_M, 1]
+    a_base = lora_a_ptr + pool_rows.to(tl.int64)[:, None] * stride_ar  # [BLOCK_R, 1]: gathered A rows
+    x_base = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
     k_start = k_split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, in_features)
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + offs_k
-        x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & (cols < k_end)[None, :], other=0.0)
-        a = tl.load(a_base + cols[None, :], mask=(offs_r < max_rank)[:, None] & (cols < k_end)[None, :], other=0.0)
+        k_mask = cols < k_end
+        x = tl.load(x_base + cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        a = tl.load(a_base + cols[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         acc += tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_R]
-    h_ptrs = h_ptr + tokens.to(tl.int64)[:, None] * stride_ht + offs_r[None, :]
-    h_mask = row_mask[:, None] & (offs_r < max_rank)[None, :]
+    h_ptrs = h_ptr + tokens[:, None] * stride_ht + offs_r[None, :]
+    h_mask = m_mask[:, None] & r_mask[None, :]
     if ATOMIC:  # split-K partial sums meet in the fp32 h, which starts at zero
         tl.atomic_add(h_ptrs, acc, mask=h_mask)
     else:
@@ -90,8 +78,9 @@ def _lora_shrink_kernel(
 
 @_jit
 def _lora_expand_kernel(
-    h_ptr, lora_b_ptr, y_ptr, scaling_ptr, token_indices_ptr, num_tokens_per_slot_ptr, slot_start_offsets_ptr,
-    slot_ids_ptr, out_features, max_rank, stride_ht, stride_bs, stride_bn, stride_yt,
+    h_ptr, lora_b_ptr, y_ptr, token_indices_ptr, num_tokens_per_segment_ptr, segment_start_offsets_ptr,
+    segment_rows_ptr, segment_ranks_ptr, segment_scaling_ptr, out_features, stride_ht, stride_br, stride_rs,
+    stride_yt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M tokens of one segment x BLOCK_N output features. A token belongs to
@@ -99,77 +88,96 @@ def _lora_expand_kernel(
     segment = tl.program_id(0)
     m_block = tl.program_id(1)
     n_block = tl.program_id(2)
-    slot = tl.load(slot_ids_ptr + segment)
-    num_tokens = tl.load(num_tokens_per_slot_ptr + segment)
-    if (slot < 0) | (m_block * BLOCK_M >= num_tokens):
+    rank = tl.load(segment_ranks_ptr + segment)
+    num_tokens = tl.load(num_tokens_per_segment_ptr + segment)
+    if (rank == 0) | (m_block * BLOCK_M >= num_tokens):
         return
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < num_tokens
-    tokens = tl.load(token_indices_ptr + tl.load(slot_start_offsets_ptr + segment) + rows, mask=row_mask, other=0)
-    tokens = tokens.to(tl.int64)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < num_tokens
+    tokens = tl.load(token_indices_ptr + tl.load(segment_start_offsets_ptr + segment) + offs_m, mask=m_mask,
+                     other=0).to(tl.int64)  # [BLOCK_M]
     offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    pool_rows = tl.load(segment_rows_ptr + segment * stride_rs + offs_r, mask=r_mask, other=0)  # [BLOCK_R]
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_mask = offs_r < max_rank
     n_mask = offs_n < out_features
-    h = tl.load(h_ptr + tokens[:, None] * stride_ht + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :],
+    h = tl.load(h_ptr + tokens[:, None] * stride_ht + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                 other=0.0)  # [BLOCK_M, BLOCK_R] fp32
-    b = tl.load(lora_b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :],
-                mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
-    delta = tl.dot(h, tl.trans(b), input_precision=PRECISION) * tl.load(scaling_ptr + slot)  # [BLOCK_M, BLOCK_N]
+    b = tl.load(lora_b_ptr + pool_rows.to(tl.int64)[:, None] * stride_br + offs_n[None, :],
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] gathered rows
+    delta = tl.dot(h, b, input_precision=PRECISION) * tl.load(segment_scaling_ptr + segment)  # [BLOCK_M, BLOCK_N]
     y_ptrs = y_ptr + tokens[:, None] * stride_yt + offs_n[None, :]
-    y_mask = row_mask[:, None] & n_mask[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
 def _check_meta(meta: LoRABatchMetadata, device: torch.device) -> None:
-    num_segments = meta.slot_ids.shape[0]
-    for name in ("token_indices", "num_tokens_per_slot", "slot_start_offsets", "slot_ids"):
+    """Shapes, dtypes and device of the metadata; row ids are trusted (checking them would sync)."""
+    num_segments = meta.num_segments
+    expected = {
+        "token_indices": (None, _INDEX_DTYPES),
+        "num_tokens_per_segment": ((num_segments,), _INDEX_DTYPES),
+        "segment_start_offsets": ((num_segments,), _INDEX_DTYPES),
+        "segment_rows": ((num_segments, meta.max_rank), _INDEX_DTYPES),
+        "segment_ranks": ((num_segments,), _INDEX_DTYPES),
+        "segment_scaling": ((num_segments,), (torch.float32,)),
+    }
+    for name, (shape, dtypes) in expected.items():
         t = getattr(meta, name)
-        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or t.device != device:
-            raise ValueError(f"expected {name} a 1-d int32/int64 tensor on {device}, "
+        shape_ok = t.dim() == 1 if shape is None else tuple(t.shape) == shape
+        if not shape_ok or t.dtype not in dtypes or t.device != device:
+            want = "[num_lora_tokens]" if shape is None else list(shape)
+            raise ValueError(f"expected meta.{name} {want} of {'/'.join(str(d) for d in dtypes)} on {device}, "
                              f"found {t.dtype} {tuple(t.shape)} on {t.device}")
-        if name != "token_indices" and t.shape[0] != num_segments:
-            raise ValueError(f"expected {name} with {num_segments} segments (as slot_ids), found {tuple(t.shape)}")
 
 
-def _check_weights(act: torch.Tensor, weights: torch.Tensor, act_name: str, w_name: str, features: int) -> None:
-    if act.dim() != 2 or weights.dim() != 3 or act.shape[1] != features:
-        raise ValueError(f"expected {act_name} [num_tokens, {features}] and {w_name} 3-d, "
-                         f"found {act_name} {tuple(act.shape)}, {w_name} {tuple(weights.shape)}")
-    if act.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weights.dtype != act.dtype:
-        raise ValueError(f"expected {act_name} and {w_name} of one dtype among fp16/bf16/fp32, "
-                         f"found {act.dtype} and {weights.dtype}")
-    if act.stride(-1) != 1 or weights.stride(-1) != 1 or weights.device != act.device:
+def _check_weights(act: torch.Tensor, pool: torch.Tensor, act_name: str, pool_name: str) -> None:
+    """act [num_tokens, features] against its row pool [pool_rows, features]."""
+    features = pool.shape[-1] if pool.dim() == 2 else "features"
+    if act.dim() != 2 or pool.dim() != 2 or act.shape[1] != pool.shape[1]:
+        raise ValueError(f"expected {act_name} [num_tokens, {features}] and {pool_name} [pool_rows, {features}], "
+                         f"found {act_name} {tuple(act.shape)}, {pool_name} {tuple(pool.shape)}")
+    if act.dtype not in (torch.float16, torch.bfloat16, torch.float32) or pool.dtype != act.dtype:
+        raise ValueError(f"expected {act_name} and {pool_name} of one dtype among fp16/bf16/fp32, "
+                         f"found {act.dtype} and {pool.dtype}")
+    if act.stride(-1) != 1 or pool.stride(-1) != 1 or pool.device != act.device:
         raise ValueError(f"expected unit last stride on one device, found {act_name} {act.stride()} on "
-                         f"{act.device}, {w_name} {weights.stride()} on {weights.device}")
+                         f"{act.device}, {pool_name} {pool.stride()} on {pool.device}")
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # TF32 is exact for 16-bit operands
 
 
+def _block_r(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))  # tl.dot needs 16 at least
+
+
 def lora_shrink(
     x: torch.Tensor,  # [num_tokens, in_features]
-    lora_a: torch.Tensor,  # [num_slots, max_rank, in_features]
+    lora_a: torch.Tensor,  # [pool_rows, in_features]
     meta: LoRABatchMetadata,
     *,
     split_k: int | None = None,  # force a split-K count (tests); None = heuristic
-) -> torch.Tensor:  # h: [num_tokens, max_rank] fp32, zero for tokens without LoRA
-    _check_weights(x, lora_a, "x", "lora_a", lora_a.shape[-1] if lora_a.dim() == 3 else -1)
+) -> torch.Tensor:  # h: [num_tokens, meta.max_rank] fp32, zero for tokens without LoRA and past each rank
+    _check_weights(x, lora_a, "x", "lora_a")
     _check_meta(meta, x.device)
     num_tokens, in_features = x.shape
-    max_rank = lora_a.shape[1]
-    h = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
-    num_segments = meta.slot_ids.shape[0]
-    if num_tokens == 0 or num_segments == 0 or meta.max_tokens_per_slot == 0:
+    h = torch.zeros(num_tokens, meta.max_rank, dtype=torch.float32, device=x.device)
+    if num_tokens == 0 or meta.max_rank == 0 or meta.max_tokens_per_segment == 0:
         return h
-    block_r = max(16, triton.next_power_of_2(max_rank))
-    # 64 x 64-rank fp32 accumulators next to the x and A tiles spilled on sm_90 (tests/kernels/gpu_compile.py);
-    # so did 64 x 16 with fp32 x and A tiles 64 wide under Triton 3.7.1 (torch 2.13's pin): half as wide then
-    block_m = 16 if meta.max_tokens_per_slot <= 16 else 64 if block_r <= 32 else 32
-    block_k = 32 if x.dtype == torch.float32 and block_m == 64 else 64
-    m_blocks = triton.cdiv(meta.max_tokens_per_slot, block_m)
+    num_segments = meta.num_segments
+    block_r = _block_r(meta.max_rank)
+    # 64 x 64-rank fp32 accumulators next to the x and A tiles spilled on sm_90 (tests/kernels/gpu_compile.py).
+    # fp32 x and A tiles 64 wide spilled too, at 64 x 16 and at any rank 64, under Triton 3.7.1 (torch 2.13's
+    # pin): half as wide then
+    block_m = 16 if meta.max_tokens_per_segment <= 16 else 64 if block_r <= 32 else 32
+    block_k = 32 if x.dtype == torch.float32 and (block_m == 64 or block_r >= 64) else 64
+    m_blocks = triton.cdiv(meta.max_tokens_per_segment, block_m)
     if split_k is None:  # decode batches have few programs: split in_features to fill the GPU
         split_k = 1
         if x.is_cuda:
@@ -177,99 +185,74 @@ def lora_shrink(
             split_k = max(1, min(triton.cdiv(target, num_segments * m_blocks), triton.cdiv(in_features, 4 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), block_k) * block_k
     _lora_shrink_kernel[(num_segments, m_blocks, split_k)](
-        x, lora_a, h, meta.token_indices, meta.num_tokens_per_slot, meta.slot_start_offsets, meta.slot_ids,
-        in_features, max_rank, k_per_split, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
+        x, lora_a, h, meta.token_indices, meta.num_tokens_per_segment, meta.segment_start_offsets,
+        meta.segment_rows, meta.segment_ranks, in_features, k_per_split, x.stride(0), lora_a.stride(0),
+        meta.segment_rows.stride(0), h.stride(0),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         PRECISION=_precision(x.dtype), ATOMIC=split_k > 1, num_warps=4)
     return h
 
 
 def lora_expand(
-    h: torch.Tensor,  # [num_tokens, max_rank] fp32, from lora_shrink
-    lora_b: torch.Tensor,  # [num_slots, out_features, max_rank]
+    h: torch.Tensor,  # [num_tokens, meta.max_rank] fp32, from lora_shrink
+    lora_b: torch.Tensor,  # [pool_rows, out_features]: row j is column j of PEFT's B
     y: torch.Tensor,  # [num_tokens, out_features]: updated in place
-    scaling: torch.Tensor,  # [num_slots] fp32: alpha / rank of each slot
     meta: LoRABatchMetadata,
 ) -> None:
-    _check_weights(y, lora_b, "y", "lora_b", lora_b.shape[1] if lora_b.dim() == 3 else -1)
+    _check_weights(y, lora_b, "y", "lora_b")
     _check_meta(meta, y.device)
-    max_rank = lora_b.shape[2]
-    if h.shape != (y.shape[0], max_rank) or h.dtype != torch.float32 or h.stride(-1) != 1:
-        raise ValueError(f"expected h fp32 [{y.shape[0]}, {max_rank}] with unit last stride, "
-                         f"found {h.dtype} {tuple(h.shape)} strides {h.stride()}")
-    if scaling.shape != (lora_b.shape[0],) or scaling.dtype != torch.float32:
-        raise ValueError(f"expected scaling fp32 [{lora_b.shape[0]}], found {scaling.dtype} {tuple(scaling.shape)}")
-    num_segments = meta.slot_ids.shape[0]
-    if y.shape[0] == 0 or num_segments == 0 or meta.max_tokens_per_slot == 0:
+    if (h.shape != (y.shape[0], meta.max_rank) or h.dtype != torch.float32 or h.device != y.device
+            or (h.numel() and h.stride(-1) != 1)):
+        raise ValueError(f"expected h fp32 [{y.shape[0]}, {meta.max_rank}] with unit last stride on {y.device}, "
+                         f"found {h.dtype} {tuple(h.shape)} strides {h.stride()} on {h.device}")
+    if y.shape[0] == 0 or meta.max_rank == 0 or meta.max_tokens_per_segment == 0:
         return
     out_features = y.shape[1]
-    block_m, block_n = (16 if meta.max_tokens_per_slot <= 16 else 64), 64
-    grid = (num_segments, triton.cdiv(meta.max_tokens_per_slot, block_m), triton.cdiv(out_features, block_n))
+    # fp32 h and B tiles at rank 64 next to a 64 x 64 accumulator spilled on sm_90 (gpu_compile.py)
+    wide = y.dtype == torch.float32 and _block_r(meta.max_rank) >= 64
+    block_m, block_n = (16 if meta.max_tokens_per_segment <= 16 else 32 if wide else 64), 64
+    grid = (meta.num_segments, triton.cdiv(meta.max_tokens_per_segment, block_m), triton.cdiv(out_features, block_n))
     _lora_expand_kernel[grid](
-        h, lora_b, y, scaling, meta.token_indices, meta.num_tokens_per_slot, meta.slot_start_offsets,
-        meta.slot_ids, out_features, max_rank, h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+        h, lora_b, y, meta.token_indices, meta.num_tokens_per_segment, meta.segment_start_offsets,
+        meta.segment_rows, meta.segment_ranks, meta.segment_scaling, out_features, h.stride(0), lora_b.stride(0),
+        meta.segment_rows.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(meta.max_rank),
         PRECISION=_precision(y.dtype), num_warps=4)
 
 
 def lora_shrink_reference(x, lora_a, meta, *, split_k=None):
-    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    for rows, slot in _segments(meta):
-        h[rows] = x[rows].float() @ lora_a[slot].float().T
+    h = torch.zeros(x.shape[0], meta.max_rank, dtype=torch.float32, device=x.device)  # [T, max_rank]
+    for tokens, rows, _ in _segments(meta):
+        h[tokens, :len(rows)] = x[tokens].float() @ lora_a[rows].float().T  # [n, r]
     return h
 
 
-def lora_expand_reference(h, lora_b, y, scaling, meta):
-    for rows, slot in _segments(meta):
-        y[rows] = (y[rows].float() + scaling[slot] * (h[rows] @ lora_b[slot].float().T)).to(y.dtype)
+def lora_expand_reference(h, lora_b, y, meta):
+    for tokens, rows, scale in _segments(meta):
+        delta = scale * (h[tokens, :len(rows)] @ lora_b[rows].float())  # [n, out]
+        y[tokens] = (y[tokens].float() + delta).to(y.dtype)
 
 
 def _segments(meta: LoRABatchMetadata):
-    """(token rows, slot) per non-empty LoRA segment."""
-    for start, n, slot in zip(meta.slot_start_offsets.tolist(), meta.num_tokens_per_slot.tolist(),
-                              meta.slot_ids.tolist()):
-        if slot >= 0 and n > 0:
-            yield meta.token_indices[start:start + n].long(), slot
-
-
-@dataclass
-class LoRASegment:
-    """The tokens of one adapter slot, for the host-side path (built once per step from host data)."""
-
-    rows: torch.Tensor  # [n] int64 token rows of x / y
-    slot: int
-    rank: int  # the adapter's own rank: the zero-padded rest of max_rank is skipped
-    scale: float
-
-
-def add_lora_segments(
-    x: torch.Tensor,  # [num_tokens, in_features]
-    y: torch.Tensor,  # [num_tokens, out_features], updated in place
-    lora_a: torch.Tensor,  # [num_slots, max_rank, in_features]
-    lora_b: torch.Tensor,  # [num_slots, out_features, max_rank]
-    segments: list[LoRASegment],
-) -> None:
-    """The CPU path of the batched LoRA: per segment, shrink and expand at the adapter's real rank
-    and one fused index_add_ into y. Where few tokens carry LoRA (the usual mixed batch), this
-    costs a handful of small ops per adapter instead of work over every token or padded rank."""
-    for seg in segments:
-        a = lora_a[seg.slot, :seg.rank].float()  # [r, in]
-        b = lora_b[seg.slot, :, :seg.rank].float()  # [out, r]
-        h = x.index_select(0, seg.rows).float() @ a.T  # [n, r]
-        y.index_add_(0, seg.rows, (h @ b.T).mul_(seg.scale).to(y.dtype))
+    """(token rows [n], pool rows [r], scaling) per segment with tokens and a rank, read from the
+    device tensors the kernels read."""
+    for s, (start, n, rank, scale) in enumerate(zip(
+            meta.segment_start_offsets.tolist(), meta.num_tokens_per_segment.tolist(), meta.segment_ranks.tolist(),
+            meta.segment_scaling.tolist())):
+        if n > 0 and rank > 0:
+            yield meta.token_indices[start:start + n].long(), meta.segment_rows[s, :rank].long(), scale
 
 
 def add_lora(
     x: torch.Tensor,  # [num_tokens, in_features]: the projection's input
     y: torch.Tensor,  # [num_tokens, out_features]: the base projection's output, updated in place
-    lora_a: torch.Tensor,  # [num_slots, max_rank, in_features]
-    lora_b: torch.Tensor,  # [num_slots, out_features, max_rank]
-    scaling: torch.Tensor,  # [num_slots] fp32
+    lora_a: torch.Tensor,  # [pool_rows, in_features]
+    lora_b: torch.Tensor,  # [pool_rows, out_features]
     meta: LoRABatchMetadata,
 ) -> None:
-    """y += scaling * (x @ A^T) @ B^T per token by its slot: the one call per projection.
-    Triton kernels on CUDA, the torch references elsewhere (chosen by device)."""
+    """y += scaling * (x @ A^T) @ B^T per token by its segment: the one call per projection.
+    Triton kernels on CUDA, the grouped torch path elsewhere (chosen by device)."""
     if y.is_cuda:
-        lora_expand(lora_shrink(x, lora_a, meta), lora_b, y, scaling, meta)
+        lora_expand(lora_shrink(x, lora_a, meta), lora_b, y, meta)
     else:
-        lora_expand_reference(lora_shrink_reference(x, lora_a, meta), lora_b, y, scaling, meta)
+        add_lora_grouped(x, y, lora_a, lora_b, meta)

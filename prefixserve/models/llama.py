@@ -18,7 +18,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from prefixserve.errors import ModelLoadError
 from prefixserve.kernels.kv_store import store_kv
-from prefixserve.kernels.lora import LoRABatchMetadata, LoRASegment, add_lora, add_lora_segments
+from prefixserve.kernels.lora import add_lora
+from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups
+from prefixserve.kernels.lora_meta import LoRABatchMetadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 
@@ -54,24 +56,27 @@ class LlamaArch:
 
 @dataclass
 class LoRAStep:
-    """This step's batched LoRA: the slot stacks per target (a [num_layers, num_slots, max_rank, in],
-    b [num_layers, num_slots, out, max_rank]) and the tokens grouped by slot, as device metadata for
-    the Triton kernels (`meta`) or as host-side segments per target for the CPU path (`segments`)."""
+    """This step's batched LoRA: the row pools per target (a [num_layers, rows, in], b [num_layers,
+    rows, out]) and the tokens grouped by adapter (`meta`, see kernels/lora_meta.py). On CPU the
+    grouping plan for the torch path is built once here and reused by every projection."""
 
-    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scaling: torch.Tensor  # [num_slots] fp32
-    meta: LoRABatchMetadata | None = None
-    segments: dict[str, list[LoRASegment]] | None = None  # only the adapters that have the target
+    pools: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    meta: LoRABatchMetadata
+    plan: GroupedPlan | None = None  # CPU only
+
+    def __post_init__(self):
+        if self.plan is None and self.meta.token_indices.device.type != "cuda":
+            self.plan = plan_groups(self.meta)
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += scaling * (x @ A^T) @ B^T per token, in place; y may be a column slice of a fused output."""
-        if target not in self.stacks:
+        if target not in self.pools:
             return
-        a, b = self.stacks[target]
-        if self.segments is not None:
-            add_lora_segments(x, y, a[layer], b[layer], self.segments.get(target, []))
+        a, b = self.pools[target]
+        if self.plan is not None:
+            add_lora_grouped(x, y, a[layer], b[layer], self.meta, self.plan)
         else:
-            add_lora(x, y, a[layer], b[layer], self.scaling, self.meta)
+            add_lora(x, y, a[layer], b[layer], self.meta)
 
 
 def rope_tables(config: PretrainedConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,7 +146,7 @@ def _gateway_gauges(e: LLMEngine):
                  1.0 - e.pages.num_free_pages / e.pages.num_pages)
     lora = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters; the value is when this "
                              "was read", labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-    lora.add_metric([_adapter_names(running), _adapter_names(waiting), str(e.config.max_lora_slots)], time.time())
+    lora.add_metric([_adapter_names(running), _adapter_names(waiting), str(e.max_loras)], time.time())
     yield lora
 
 

@@ -6,17 +6,25 @@ from helpers import random_prompts
 
 from prefixserve.adapters_store.format import encode_artifact
 from prefixserve.adapters_store.kinds import get_kind
-from prefixserve.config import CacheConfig, EngineConfig
+from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig
 from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.lora_pool import bytes_per_row
 from prefixserve.engine.request import SamplingParams
 from prefixserve.errors import AdapterError, InvalidRequestError, TaskNotFoundError
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=True)
 
 
+def room_for_two_rank2_loras(backbone) -> dict:
+    """A LoRA pool of 4 ranks: two rank-2 adapters resident at once, a third must wait or evict."""
+    dtype = next(backbone.model.parameters()).dtype
+    return dict(adapters=AdapterLimits(max_lora_rank=2), lora_memory_bytes=4 * bytes_per_row(backbone.arch, dtype))
+
+
 @pytest.fixture
 def engine(tiny_backbone):
-    return LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64), max_lora_slots=2))
+    return LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                 **room_for_two_rank2_loras(tiny_backbone)))
 
 
 def artifact(engine, kind, config, tensors):
@@ -127,9 +135,9 @@ def test_unknown_task_and_bad_bytes_leave_no_state(engine):
     assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free and not engine.has_unfinished()
 
 
-def test_lora_slots_are_a_device_cache(engine):
-    """Two slots, three LoRA tasks: idle adapters are evicted (least recently used first); while
-    running requests pin both slots, a request for the third waits and is served when one frees."""
+def test_lora_pool_is_a_device_cache(engine):
+    """Room for two, three LoRA tasks: idle adapters are evicted (least recently used first); while
+    running requests hold the whole pool, a request for the third waits and is served when one frees."""
     for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
         engine.register_adapter(name, lora_artifact(engine, seed=i))
     prompt = random_prompts([5], seed=6)[0]
@@ -142,7 +150,7 @@ def test_lora_slots_are_a_device_cache(engine):
     waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-a")
     for _ in range(5):
         engine.step()
-        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # both slots are in use
+        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # the pool's rows are all in use
     while engine.has_unfinished():
         engine.step()
     assert all(r.num_output_tokens == 30 for r in pinned)

@@ -46,7 +46,7 @@ def check_parity(base, backbone, adapters, prompts):
     subspace, intrinsic, ipt_reference = intrinsic_case(base, engine.adapters.fingerprint)
     engine.register_adapter("ipt-subspace", subspace)
     assert engine.register_adapter("ipt", intrinsic).kind == "intrinsic"
-    adapters = {**adapters, "ipt": (ipt_reference, None)}  # nine tasks of every kind, plus the plain backbone
+    adapters = {**adapters, "ipt": (ipt_reference, None)}  # ten tasks of every kind, plus the plain backbone
     jobs = [(name, prompts[i % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(name, prompts[(i + 1) % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(None, prompts[0]), ("base", prompts[-1])]

@@ -6,18 +6,26 @@ import torch
 from helpers import random_prompts
 
 from prefixserve.adapters_store.format import encode_artifact
-from prefixserve.config import CacheConfig, EngineConfig
+from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig
 from prefixserve.engine.adapters import AdapterManager
 from prefixserve.engine.llm_engine import LLMEngine
+from prefixserve.engine.lora_pool import bytes_per_row
 from prefixserve.engine.request import RequestStatus, SamplingParams
 from prefixserve.errors import AdapterError, AdapterFailedError, InvalidRequestError
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 
 
+def room_for_two_rank2_loras(backbone) -> dict:
+    """A LoRA pool of 4 ranks: two rank-2 adapters resident at once, a third must wait or evict."""
+    dtype = next(backbone.model.parameters()).dtype
+    return dict(adapters=AdapterLimits(max_lora_rank=2), lora_memory_bytes=4 * bytes_per_row(backbone.arch, dtype))
+
+
 @pytest.fixture
 def engine(tiny_backbone):
-    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64), max_lora_slots=2))
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                 **room_for_two_rank2_loras(tiny_backbone)))
     yield engine
     engine.close()
 
@@ -130,7 +138,7 @@ def test_a_step_that_fails_for_one_version_ends_only_its_requests(engine, monkey
         assert requests[i].status == RequestStatus.FINISHED_ERROR
     with pytest.raises(AdapterFailedError):
         engine.add_request(prompt_token_ids=prompts[1], params=GREEDY, task="bad")
-    assert engine.runner.lora_slots.num_free == engine.runner.lora_slots.num_slots  # its slot was let go
+    assert engine.runner.lora_pool.num_free_rows == engine.runner.lora_pool.max_rows  # its rows were let go
     assert reference_tokens(engine, [None, "good"], [prompts[0], prompts[2]]) == expected
 
 

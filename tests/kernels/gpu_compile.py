@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton
 import triton.backends.nvidia
@@ -32,7 +33,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from prefixserve.kernels import cascade_attention, decode_attention, lora, merge_attn_states, prefill_attention
+from prefixserve.kernels import (
+    cascade_attention,
+    decode_attention,
+    lora,
+    lora_meta,
+    merge_attn_states,
+    prefill_attention,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_cases import make_batch
@@ -138,16 +146,18 @@ def attention_cases(dtype: torch.dtype, head_dim: int, heads: tuple[int, int]):
 def lora_cases(dtype: torch.dtype, max_rank: int):
     tag = f"{str(dtype).removeprefix('torch.')} r{max_rank}"
     in_features, out_features = 2048, 512  # Llama-3.2-1B hidden size; a KV projection's width
-    lora_a = torch.zeros(16, max_rank, in_features, dtype=dtype)
-    lora_b = torch.zeros(16, out_features, max_rank, dtype=dtype)
-    scaling = torch.ones(16)
+    ranks = [max_rank, 8, 1, 3] * 4  # 16 adapters of mixed ranks: only meta.max_rank reaches the kernels
+    starts = np.cumsum([1] + ranks)  # row 0 is the zero row
+    segment_rows = [list(range(start, start + r)) for start, r in zip(starts, ranks)]
+    lora_a = torch.zeros(int(starts[-1]), in_features, dtype=dtype)
+    lora_b = torch.zeros(int(starts[-1]), out_features, dtype=dtype)
 
     def run(num_tokens: int, split_k: int):
-        meta = lora.lora_batch_metadata(torch.arange(num_tokens) % 16)
+        meta = lora_meta.lora_batch_metadata(np.arange(num_tokens) % 16, segment_rows, [1.0] * 16,
+                                             torch.device("cpu"))
         x = torch.zeros(num_tokens, in_features, dtype=dtype)
         h = lora.lora_shrink(x, lora_a, meta, split_k=split_k)
-        lora.lora_expand(torch.zeros_like(h), lora_b, torch.zeros(num_tokens, out_features, dtype=dtype), scaling,
-                         meta)
+        lora.lora_expand(h, lora_b, torch.zeros(num_tokens, out_features, dtype=dtype), meta)
 
     return [(f"lora decode {tag}", lambda: run(16, 4)), (f"lora prefill {tag}", lambda: run(16 * 80, 1))]
 
@@ -160,7 +170,7 @@ def cases():
         out += lora_cases(dtype, 16)
     for heads in (LLAMA_1B_HEADS, (8, 1), (3, 1)):  # GQA 4, 8 and an odd group
         out += attention_cases(torch.float16, 128, heads)
-    out += lora_cases(torch.float16, 64)
+    out += lora_cases(torch.float16, 64) + lora_cases(torch.float32, 64)  # fp32 at rank 64 needs narrower tiles
     return out
 
 

@@ -88,11 +88,13 @@ def test_cpu_paths_import_and_run_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from prefixserve.kernels.paged_attention import paged_attention\n"
-        "from prefixserve.kernels.lora import add_lora, lora_batch_metadata\n"
+        "from prefixserve.kernels.lora import add_lora\n"
+        "from prefixserve.kernels.lora_meta import lora_batch_metadata\n"
         "x, y = torch.randn(3, 8), torch.zeros(3, 4)\n"
-        "add_lora(x, y, torch.randn(2, 2, 8), torch.randn(2, 4, 2), torch.ones(2),\n"
-        "         lora_batch_metadata(torch.tensor([1, -1, 0])))\n"
-        "assert y[1].abs().sum() == 0 and y[0].abs().sum() > 0\n"
+        "a, b = torch.randn(4, 8), torch.randn(4, 4)\n"
+        "a[0] = b[0] = 0  # the zero row\n"
+        "add_lora(x, y, a, b, lora_batch_metadata([1, -1, 0], [[1, 2], [3]], [1.0, 2.0], torch.device('cpu')))\n"
+        "assert y[1].abs().sum() == 0 and y[0].abs().sum() > 0 and y[2].abs().sum() > 0\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

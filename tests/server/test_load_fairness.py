@@ -108,7 +108,7 @@ def test_200_streams_complete_and_tenants_share_tokens_by_weight(smollm2, tmp_pa
         keys[tenant] = registry.add_key(tenant)[1]
     config = EngineConfig(cache=CacheConfig(num_pages=512),
                           scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512, max_waiting=256),
-                          adapters=AdapterLimits(max_artifact_bytes=8 << 20), max_lora_slots=4)
+                          adapters=AdapterLimits(max_artifact_bytes=8 << 20))
     with serving(smollm2, config, auth=Authenticator(registry)) as (base_url, sync):
         fingerprint, hidden = sync.adapters.fingerprint, sync.backbone.arch.hidden_size
         for t, (tenant, num_tasks) in enumerate(TASKS.items()):

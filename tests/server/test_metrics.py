@@ -156,4 +156,4 @@ def test_gateway_inference_extension_gauges_follow_the_engine(keyed):
     assert 0 < m[("vllm:gpu_cache_usage_perc", ())] <= 1
     (info,) = [labels for name, labels in m if name == "vllm:lora_requests_info"]
     assert dict(info) == {"running_lora_adapters": "routed", "waiting_lora_adapters": "",
-                          "max_lora": str(sync.config.max_lora_slots)}
+                          "max_lora": str(sync.max_loras)}

@@ -1,0 +1,119 @@
+"""The CPU path of the batched LoRA: a fixed number of torch ops per projection, however many
+distinct adapters the step holds.
+
+Segments (the tokens of one adapter) are planned once per step:
+- small ones (decode rows, short chunks) go into one grouped bmm per rank bucket: their A and B rows
+  are gathered from the pool into [g, R, in] / [g, R, out] and their tokens into [g, T, in], padded
+  to the bucket's rank R and the group's longest segment T;
+- long ones (prefill chunks, few per step under the token budget) run alone at their real rank,
+  where two matmuls already amortise over many tokens and padding them would cost more.
+Rank buckets are powers of two from 8, so a rank-8 adapter beside a rank-64 one is not padded 8x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefixserve.kernels.lora_meta import ZERO_ROW, LoRABatchMetadata
+
+MAX_GROUPED_TOKENS = 16  # a segment longer than this runs alone
+MIN_RANK_BUCKET = 8
+
+
+@dataclass
+class _Group:
+    rows: torch.Tensor  # [g * R] int64: pool rows, ZERO_ROW past each adapter's rank
+    tokens: torch.Tensor  # [g * T] int64: token rows of x, padding repeats a valid row
+    valid: torch.Tensor | None  # [g * T] bool, None when no token is padding
+    targets: torch.Tensor  # [num_valid] int64: token rows of y for the valid entries
+    scaling: torch.Tensor  # [g, 1, 1] fp32
+    shape: tuple[int, int, int]  # g, T, R
+
+
+@dataclass
+class _Single:
+    rows: torch.Tensor  # [r] int64
+    tokens: torch.Tensor  # [n] int64
+    scaling: float
+
+
+@dataclass
+class GroupedPlan:
+    groups: list[_Group]
+    singles: list[_Single]
+
+
+def _bucket(rank: int) -> int:
+    bucket = MIN_RANK_BUCKET
+    while bucket < rank:
+        bucket *= 2
+    return bucket
+
+
+def plan_groups(meta: LoRABatchMetadata) -> GroupedPlan:
+    """Host-side grouping of the step's segments, built once and reused by every projection."""
+    token_indices = meta.token_indices.cpu().long()
+    starts = meta.segment_start_offsets.cpu().tolist()
+    rows_table = meta.segment_rows.cpu().long()
+    scaling = meta.segment_scaling.cpu().tolist()
+    buckets: dict[int, list[int]] = {}
+    singles = []
+    for s, (count, rank) in enumerate(zip(meta.host_counts, meta.host_ranks)):
+        if count == 0 or rank == 0:
+            continue
+        if count > MAX_GROUPED_TOKENS:
+            tokens = token_indices[starts[s]:starts[s] + count]
+            singles.append(_Single(rows_table[s, :rank].clone(), tokens, scaling[s]))
+        else:
+            buckets.setdefault(_bucket(rank), []).append(s)
+    groups = []
+    for rank_bucket, segments in sorted(buckets.items()):
+        g, longest = len(segments), max(meta.host_counts[s] for s in segments)
+        rows = torch.full((g, rank_bucket), ZERO_ROW, dtype=torch.long)
+        tokens = torch.empty(g, longest, dtype=torch.long)
+        valid = torch.zeros(g, longest, dtype=torch.bool)
+        for i, s in enumerate(segments):
+            rank, count = meta.host_ranks[s], meta.host_counts[s]
+            rows[i, :rank] = rows_table[s, :rank]
+            seg_tokens = token_indices[starts[s]:starts[s] + count]
+            tokens[i, :count] = seg_tokens
+            tokens[i, count:] = seg_tokens[0]  # any valid row: its padded result is dropped
+            valid[i, :count] = True
+        flat_valid = valid.flatten()
+        all_valid = bool(flat_valid.all())
+        groups.append(_Group(
+            rows.flatten(), tokens.flatten(), None if all_valid else flat_valid,
+            tokens.flatten() if all_valid else tokens.flatten()[flat_valid],
+            torch.tensor([scaling[s] for s in segments], dtype=torch.float32).view(g, 1, 1),
+            (g, longest, rank_bucket)))
+    return GroupedPlan(groups, singles)
+
+
+def add_lora_grouped(
+    x: torch.Tensor,  # [num_tokens, in_features]: the projection's input
+    y: torch.Tensor,  # [num_tokens, out_features]: the base projection's output, updated in place
+    lora_a: torch.Tensor,  # [pool_rows, in_features]
+    lora_b: torch.Tensor,  # [pool_rows, out_features]: row j is column j of PEFT's B
+    meta: LoRABatchMetadata,
+    plan: GroupedPlan | None = None,  # from plan_groups(meta); built here when absent
+) -> None:
+    """y += scaling * (x @ A^T) @ B^T per token by its segment, accumulated in fp32."""
+    plan = plan if plan is not None else plan_groups(meta)
+    in_features, out_features = x.shape[1], y.shape[1]
+    for group in plan.groups:
+        g, longest, rank = group.shape
+        a = lora_a.index_select(0, group.rows).view(g, rank, in_features).float()  # [g, R, in]
+        b = lora_b.index_select(0, group.rows).view(g, rank, out_features).float()  # [g, R, out]
+        xs = x.index_select(0, group.tokens).view(g, longest, in_features).float()  # [g, T, in]
+        h = torch.bmm(xs, a.transpose(1, 2)).mul_(group.scaling)  # [g, T, R]
+        delta = torch.bmm(h, b).view(g * longest, out_features)  # [g*T, out]
+        if group.valid is not None:
+            delta = delta[group.valid]
+        y.index_add_(0, group.targets, delta.to(y.dtype))
+    for single in plan.singles:
+        a = lora_a.index_select(0, single.rows).float()  # [r, in]
+        b = lora_b.index_select(0, single.rows).float()  # [r, out]
+        h = x.index_select(0, single.tokens).float() @ a.T  # [n, r]
+        y.index_add_(0, single.tokens, (h @ b).mul_(single.scaling).to(y.dtype))
