@@ -11,13 +11,6 @@ pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def oai(server):
-    # No retries: a refused request must surface at once, not after the client's backoff.
-    with openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
-
 def test_completion_equals_generates_greedy_text_with_usage_and_logprobs(oai, client):
     native = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0,
                                                 "logprobs": True}).json()

@@ -41,17 +41,6 @@ def ignored(prefix: str = "") -> set[str]:
             if name.startswith(prefix) and "." not in name[len(prefix):]}
 
 
-@pytest.fixture(scope="module")
-def oai(server):
-    with openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer(server):
-    return server[1].backbone.tokenizer
-
-
 def create(oai, endpoint: str, **fields):
     """A tiny greedy request to `endpoint` with `fields` on top (PROMPT or MESSAGES unless given)."""
     body = {**TINY, **({"prompt": PROMPT} if endpoint == "completions" else {"messages": MESSAGES}), **fields}

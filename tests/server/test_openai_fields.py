@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
-import openai
 import pytest
 import torch
 from http_server import serving
@@ -62,18 +61,6 @@ def server(smollm2):
                                                               "application/octet-stream")})
             assert resp.status_code == 201, resp.text
         yield running
-
-
-@pytest.fixture(scope="module")
-def oai(server):
-    # No retries: a refused request must surface at once, not after the client's backoff.
-    with openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer(server):
-    return server[1].backbone.tokenizer
 
 
 # ---- one request's answer, streamed or not, in one shape ---------------------------------------
