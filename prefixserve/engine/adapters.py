@@ -11,7 +11,9 @@ events (uploads through any replica) update the task pointers; a replaced versio
 its last request ends. A request whose version is not on the device waits, while the others run,
 until a background loader has fetched it and the engine thread has compiled it (`poll`). Idle
 versions are evicted least-recently-used first when pages or pool rows run short; a version in use
-never is.
+never is. A LoRA version that has waited ROW_WAIT_GRACE_S for pool rows holds back new requests of
+the other LoRA versions (they wait, unpinned) until it is resident: otherwise steady traffic on
+resident adapters could keep every row in use and starve it.
 
 A version that passed validation but fails on the device (its compile raises, or a step running it
 does) is quarantined: its requests end with AdapterFailedError and later ones are refused at once,
@@ -24,6 +26,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -61,6 +64,7 @@ MAX_TASK_NAME_CHARS = 200  # of the engine's "<tenant>/<task>"
 TASK_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"  # what a tenant may call a task (the engine adds "<tenant>/")
 _TASK_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:/-]{{0,{MAX_TASK_NAME_CHARS - 1}}}$")
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.lora_a$")
+ROW_WAIT_GRACE_S = 1.0  # how long a LoRA may wait for pool rows before others' new requests are held back
 _SUBSPACE_NOT_SERVABLE = ("task {task!r} is an IPT subspace (a shared decoder), not servable itself; serve an "
                           "intrinsic task that points at it")
 
@@ -102,6 +106,8 @@ class AdapterManager:
         self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # versions that may have lost their task
         self._subspaces: set[str] = set()  # subspace versions seen here: refused at admission
         self._quarantined: dict[str, AdapterFailedError] = {}  # version -> why it cannot be served here
+        self._row_starved: dict[str, float] = {}  # LoRA version -> when it first found too few free rows
+        self._held: list[Request] = []  # requests of resident LoRAs held back for a starved version
         self._loader = ThreadPoolExecutor(num_loaders, thread_name_prefix="prefixserve-adapter-load")
         self._unsubscribe = store.subscribe(self._on_store_event)
         self.cold_loads = 0  # versions fetched from the store for a request
@@ -274,6 +280,9 @@ class AdapterManager:
         if version in self._quarantined:
             raise self._quarantined[version]
         handle = self._resident.get(version)
+        if handle is not None and handle.lora is not None and self._starving_other(version):
+            self._held.append(request)
+            return False
         if handle is not None:
             self._pin(request, handle)
             return True
@@ -290,6 +299,8 @@ class AdapterManager:
         waiting = self._waiting.get(request.task_version, [])
         if request in waiting:
             waiting.remove(request)
+        if request in self._held:
+            self._held.remove(request)
 
     def release(self, handle: AdapterHandle | None) -> None:
         if handle is None:
@@ -306,13 +317,18 @@ class AdapterManager:
         for version in [v for v, f in self._loading.items() if f.done()]:
             future = self._loading.pop(version)
             requests = self._waiting.pop(version, [])
+            starved_since = self._row_starved.pop(version, None)
             try:
                 for artifact in future.result():
                     self.host.put(artifact)
                 handle = self._make_resident(version, future.result()[0])
             except EngineOverloadedError:
-                # Every page or pool row is held by running requests: wait for one to finish, retry then.
-                self._loading[version], self._waiting[version] = future, requests
+                # Every page or pool row is held by running requests: wait for one to finish, retry then
+                # (unless every request for it has gone meanwhile).
+                if requests:
+                    self._loading[version], self._waiting[version] = future, requests
+                    if future.result()[0].kind == "lora":
+                        self._row_starved[version] = starved_since or time.monotonic()
                 continue
             except AdapterFailedError as exc:
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
@@ -324,12 +340,39 @@ class AdapterManager:
                 log.exception("making version %s resident failed", version)
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
                 continue
-            for request in requests:
-                try:
-                    self._pin(request, handle)
-                    ready.append((request, None))
-                except PrefixServeError as exc:
-                    ready.append((request, exc))
+            ready += self._pin_all(requests, handle)
+        return ready + self._release_held()
+
+    def _pin_all(self, requests: list[Request], handle: AdapterHandle) -> list[tuple[Request, PrefixServeError | None]]:
+        ready = []
+        for request in requests:
+            try:
+                self._pin(request, handle)
+                ready.append((request, None))
+            except PrefixServeError as exc:
+                ready.append((request, exc))
+        return ready
+
+    def _starving_other(self, version: str) -> bool:
+        """Whether another LoRA version has waited for pool rows past the grace period."""
+        deadline = time.monotonic() - ROW_WAIT_GRACE_S
+        return any(v != version and since <= deadline for v, since in self._row_starved.items())
+
+    def _release_held(self) -> list[tuple[Request, PrefixServeError | None]]:
+        """Held requests whose version no starved one waits on any more: pinned again, or loaded
+        again if their version was evicted meanwhile."""
+        ready, still_held = [], []
+        for request in self._held:
+            version = request.task_version
+            handle = self._resident.get(version)
+            if self._starving_other(version):
+                still_held.append(request)
+            elif handle is not None:
+                ready += self._pin_all([request], handle)
+            else:
+                self._waiting.setdefault(version, []).append(request)
+                self._start_load(version)
+        self._held = still_held
         return ready
 
     def quarantine(self, version: str, cause: Exception) -> AdapterFailedError:

@@ -7,6 +7,7 @@ from helpers import random_prompts
 from prefixserve.adapters_store.format import encode_artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig
+from prefixserve.engine import adapters as adapters_module
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.lora_pool import bytes_per_row
 from prefixserve.engine.request import SamplingParams
@@ -133,6 +134,30 @@ def test_unknown_task_and_bad_bytes_leave_no_state(engine):
     with pytest.raises(InvalidRequestError, match="task names"):
         engine.register_adapter("base", prefix_artifact(engine, 4, seed=5))
     assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free and not engine.has_unfinished()
+
+
+def test_a_lora_waiting_for_pool_rows_is_not_starved_by_steady_traffic(engine, monkeypatch):
+    """Room for two LoRAs, which new requests keep busy every step: a third waits only the grace
+    period, then new requests of the two are held back until it is resident, and all are served."""
+    monkeypatch.setattr(adapters_module, "ROW_WAIT_GRACE_S", 0.0)
+    for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
+        engine.register_adapter(name, lora_artifact(engine, seed=i))
+    prompt = random_prompts([5], seed=6)[0]
+    short = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    steady = [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("lora-b", "lora-c")]
+    engine.step()  # b and c hold the pool's rows
+    starved = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-a")
+    served_at = None
+    for step in range(40):  # b and c keep arriving every step
+        steady += [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("lora-b", "lora-c")]
+        engine.step()
+        if served_at is None and starved.num_output_tokens:
+            served_at = step
+    assert served_at is not None and served_at < 20, served_at  # without holding back, it never gets rows
+    while engine.has_unfinished():
+        engine.step()
+    assert starved.output_token_ids == run(engine, prompt, "lora-a").token_ids
+    assert all(r.num_output_tokens == 4 for r in steady)
 
 
 def test_lora_pool_is_a_device_cache(engine):
