@@ -1,12 +1,19 @@
-"""Shared by the benchmarks: machine description and the RESULTS.md appender."""
+"""Shared by the benchmarks: machine description, the RESULTS.md appender, and the HTTP client side of
+the benchmarks that run `prefixserve serve` as its own process (start it, stream a completion)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -34,3 +41,49 @@ def append_results(title: str, lines: list[str]) -> None:
     stamp = datetime.date.today().isoformat()
     with RESULTS.open("a") as f:
         f.write(f"\n## {title} — {stamp}\n\nMachine: {machine()}\n\n" + "\n".join(lines) + "\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, store_dir: str, extra_args: list[str]) -> subprocess.Popen:
+    """`prefixserve serve` on SmolLM2 with a local store in `store_dir`; returns once /health answers."""
+    cmd = [sys.executable, "-m", "prefixserve.cli", "serve", "--port", str(port), "--store-dir", store_dir,
+           *extra_args]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the server did not start within 180 s")
+
+
+async def stream(client: httpx.AsyncClient, prompt: list[int], osl: int, stamps: list[float],
+                 model: str = "base") -> None:
+    """Stream one greedy completion of exactly `osl` tokens (ignore_eos); append the arrival time of
+    each streamed token to `stamps`."""
+    body = {"model": model, "prompt": prompt, "max_tokens": osl, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"stream refused: {resp.status_code} {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if event.get("choices") and event["choices"][0].get("text") is not None:
+                    stamps.append(time.monotonic())

@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results
+from common import append_results, free_port, percentile, start_server, stream
 
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
 from prefixserve.adapters_store.format import encode_artifact
@@ -38,12 +36,6 @@ from prefixserve.config import ModelConfig
 from prefixserve.models.loader import load_backbone
 
 LORA_RANK = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoraFactory:
@@ -65,19 +57,6 @@ class LoraFactory:
                 tensors[f"layers.{layer}.{target}.lora_b"] = torch.randn(fan_out, LORA_RANK, generator=self.gen) * 0.01
         return encode_artifact("lora", {"rank": LORA_RANK, "alpha": 16.0, "use_rslora": False,
                                         "targets": sorted(LORA_TARGETS)}, tensors, self.fingerprint)
-
-
-async def stream(client: httpx.AsyncClient, prompt: list[int], osl: int, stamps: list[float]) -> None:
-    body = {"model": "base", "prompt": prompt, "max_tokens": osl, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"stream refused: {resp.status_code} {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                if event.get("choices") and event["choices"][0].get("text") is not None:
-                    stamps.append(time.monotonic())
 
 
 async def upload_all(client: httpx.AsyncClient, artifacts: list[bytes], round_index: int) -> list[tuple[float, float]]:
@@ -111,32 +90,9 @@ async def one_round(base_url: str, args, prompts: list[list[int]], artifacts: li
             "upload_s": [e - s for s, e in spans]}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summary(gaps: list[float]) -> dict:
     return {"samples": len(gaps), "itl_p50_ms": round(percentile(gaps, 0.5), 1),
             "itl_p99_ms": round(percentile(gaps, 0.99), 1), "itl_mean_ms": round(statistics.fmean(gaps), 1)}
-
-
-def start_server(port: int, store_dir: str, args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "prefixserve.cli", "serve", "--port", str(port), "--store-dir", store_dir,
-           "--max-num-seqs", str(args.streams), "--max-lora-rank", str(LORA_RANK)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the server did not start within 180 s")
 
 
 def main() -> None:
@@ -158,7 +114,8 @@ def main() -> None:
                for _ in range(args.streams)]
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="upload-interference-") as tmp:
-        server = start_server(port, os.path.join(tmp, "store"), args)
+        server = start_server(port, os.path.join(tmp, "store"), ["--max-num-seqs", str(args.streams),
+                                                                    "--max-lora-rank", str(LORA_RANK)])
         base_url = f"http://127.0.0.1:{port}"
         try:
             # Warm-up: the first request's costs and the first LoRA's slot stacks (allocated once) stay out.
