@@ -208,8 +208,8 @@ def test_run_job_bad_data_names_the_example(backbone, tmp_path):
     too_many_tokens = spec(hyperparameters={"num_virtual_tokens": 300})
     with pytest.raises(TrainingDataError, match="num_virtual_tokens below the backbone's context of 256"):
         run_job(too_many_tokens, backbone, store, lambda e: None, tmp_path / "job")
-    with pytest.raises(TrainingDataError, match="hyperparameters.rank of at most 16"):
-        run_job(spec("lora", hyperparameters={"rank": 32}), backbone, store, lambda e: None, tmp_path / "job")
+    with pytest.raises(TrainingDataError, match="hyperparameters.rank of at most 64"):
+        run_job(spec("lora", hyperparameters={"rank": 128}), backbone, store, lambda e: None, tmp_path / "job")
     with pytest.raises(TrainingDataError, match=r"hyperparameters.targets among .* found \['lm_head'\]"):
         run_job(spec("lora", hyperparameters={"targets": ["q_proj", "lm_head"]}), backbone, store, lambda e: None,
                 tmp_path / "job")
