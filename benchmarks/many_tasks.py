@@ -50,7 +50,7 @@ from prefixserve.adapters_store.kinds import lora_features
 from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.config import AdapterLimits, ModelConfig
-from prefixserve.engine.adapters import BASE_TASK
+from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.models.loader import load_backbone
 from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
 

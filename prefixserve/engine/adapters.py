@@ -1,19 +1,20 @@
-"""Task adapters: which version each task serves, and where each version lives.
+"""Task adapters: which version each task serves, and where each version lives. The manager the
+engine talks to; the parts live in their own modules:
 
-Tiers: device (compiled KV prefix pages / LoRA pool rows) <- host cache (decoded artifacts, LRU in
-bytes) <- store (bytes; a local directory or Redis). Every prompt-style kind is compiled once per
-version into KV pages shared read-only by all its requests, reference-counted: one reference for
-the resident copy, one per request. A LoRA version owns one row of the LoRA pool per rank.
+- task_pointers.py: task -> current version (uploads, rollbacks, deletes, store events; any thread);
+- adapter_loader.py: store -> decoded artifacts on loader threads, and the host cache;
+- residency.py: what is compiled onto the device (KV prefix pages, LoRA pool rows), pins, eviction;
+- the kinds themselves (adapters_store/kinds/) say what each kind becomes on the device.
 
-Versions are pinned per request: `resolve` (any thread) gives a new request the task's current
-version, and the request keeps it to the end, so an upload only affects later requests. Store
-events (uploads through any replica) update the task pointers; a replaced version is freed when
-its last request ends. A request whose version is not on the device waits, while the others run,
-until a background loader has fetched it and the engine thread has compiled it (`poll`). Idle
-versions are evicted least-recently-used first when pages or pool rows run short; a version in use
-never is. A LoRA version that has waited ROW_WAIT_GRACE_S for pool rows holds back new requests of
-the other LoRA versions (they wait, unpinned) until it is resident: otherwise steady traffic on
-resident adapters could keep every row in use and starve it.
+Tiers: device <- host cache (decoded artifacts, LRU in bytes) <- store (bytes; a local directory or
+Redis). Versions are pinned per request: `resolve` (any thread) gives a new request the task's
+current version, and the request keeps it to the end, so an upload only affects later requests. A
+replaced version is freed when its last request ends. A request whose version is not on the device
+waits, while the others run, until a loader has fetched it and the engine thread has compiled it
+(`poll`). Idle versions are evicted least-recently-used first when pages or pool rows run short; a
+version in use never is. A LoRA version that has waited ROW_WAIT_GRACE_S for pool rows makes just
+enough of the least-used resident LoRAs drain (their new requests wait, unpinned) to free the rows it
+needs: otherwise steady traffic on resident adapters could keep every row in use and starve it.
 
 A version that passed validation but fails on the device (its compile raises, or a step running it
 does) is quarantined: its requests end with AdapterFailedError and later ones are refused at once,
@@ -23,35 +24,23 @@ instead of the failure being retried every step or stopping the engine for every
 from __future__ import annotations
 
 import logging
-import queue
-import re
-import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
-from prefixserve.adapters_store.format import Artifact, check_finite_in_dtype, decode_artifact
+from prefixserve.adapters_store.format import Artifact, decode_artifact
 from prefixserve.adapters_store.kinds import get_kind
-from prefixserve.adapters_store.store import AdapterStore, StoreEvent
+from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import AdapterLimits
-from prefixserve.engine.host_cache import HostCache
+from prefixserve.engine.adapter_loader import AdapterLoader
 from prefixserve.engine.kv_pages import KVPageManager
-from prefixserve.engine.lora_pool import LoRAAllocation
+from prefixserve.engine.lora_pool import PoolRowsExhausted
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.request import check_context_room
-from prefixserve.errors import (
-    AdapterError,
-    AdapterFailedError,
-    EngineOverloadedError,
-    InvalidRequestError,
-    PrefixServeError,
-    TaskNotFoundError,
-)
+from prefixserve.engine.residency import AdapterHandle, DeviceResidency
+from prefixserve.engine.task_pointers import TaskPointers, check_task_name
+from prefixserve.errors import AdapterError, AdapterFailedError, EngineOverloadedError, PrefixServeError
 from prefixserve.models.loader import Backbone
 
 if TYPE_CHECKING:
@@ -59,14 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE_TASK = "base"
-MAX_TASK_NAME_CHARS = 200  # of the engine's "<tenant>/<task>"
-TASK_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"  # what a tenant may call a task (the engine adds "<tenant>/")
-_TASK_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:/-]{{0,{MAX_TASK_NAME_CHARS - 1}}}$")
-_LORA_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.lora_a$")
 ROW_WAIT_GRACE_S = 1.0  # how long a LoRA may wait for pool rows before others' new requests are held back
-_SUBSPACE_NOT_SERVABLE = ("task {task!r} is an IPT subspace (a shared decoder), not servable itself; serve an "
-                          "intrinsic task that points at it")
 
 
 @dataclass(frozen=True)
@@ -75,19 +57,7 @@ class PreparedUpload:
 
     artifact: Artifact
     data: bytes  # what the store keeps (the artifact's version is their sha256)
-    subspace: Artifact | None = None  # an intrinsic's subspace, decoded here when the host cache lacked it
-
-
-@dataclass(eq=False)
-class AdapterHandle:
-    """One device-resident adapter version."""
-
-    version: str
-    kind: str
-    prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
-    prefix_len: int = 0
-    lora: LoRAAllocation | None = None  # lora: its rows in the pool
-    num_users: int = 0  # requests holding it
+    required: tuple[Artifact, ...] = ()  # what it requires (an intrinsic's subspace) that the host cache lacked
 
 
 class AdapterManager:
@@ -95,75 +65,66 @@ class AdapterManager:
                  store: AdapterStore, host_cache_bytes: int, num_loaders: int = 2):
         self.backbone, self.runner, self.pages, self.limits, self.store = backbone, runner, pages, limits, store
         self.fingerprint = backbone_fingerprint(backbone)
-        self.host = HostCache(host_cache_bytes)
-        self._tasks: dict[str, str] = {}  # task -> current version; written by the engine and store threads
-        # Serialises pointer writes (and the store calls they follow) across the engine, store-event
-        # and caller threads, so a late event can never resurrect a pointer a delete just removed.
-        self._pointer_lock = threading.Lock()
-        self._resident: OrderedDict[str, AdapterHandle] = OrderedDict()  # version -> handle, least recent first
-        self._loading: dict[str, Future] = {}  # version -> fetch + decode on a loader thread
+        self.pointers = TaskPointers(store)
+        self.loader = AdapterLoader(store, self._decode, host_cache_bytes, self.pointers.not_servable, num_loaders)
+        self.device = DeviceResidency(runner, pages, backbone.max_model_len, self.loader.required)
         self._waiting: dict[str, list[Request]] = {}  # version -> requests waiting for it
-        self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # versions that may have lost their task
-        self._subspaces: set[str] = set()  # subspace versions seen here: refused at admission
         self._quarantined: dict[str, AdapterFailedError] = {}  # version -> why it cannot be served here
-        self._row_starved: dict[str, float] = {}  # LoRA version -> when it first found too few free rows
-        self._held: list[Request] = []  # requests of resident LoRAs held back for a starved version
-        self._loader = ThreadPoolExecutor(num_loaders, thread_name_prefix="prefixserve-adapter-load")
-        self._unsubscribe = store.subscribe(self._on_store_event)
-        self.cold_loads = 0  # versions fetched from the store for a request
-        self.device_evictions = 0  # idle versions dropped from the device to make room
+        # LoRA version -> (when it first found too few free pool rows, how many it needs)
+        self._row_starved: dict[str, tuple[float, int]] = {}
+        self._draining: set[str] = set()  # resident LoRAs whose new requests wait so their rows free up
+        self._held: list[Request] = []  # those requests
 
     def close(self) -> None:
-        self._unsubscribe()
-        self._loader.shutdown(wait=True, cancel_futures=True)  # no loader thread may outlive the engine
+        self.pointers.close()
+        self.loader.close()
 
-    # ---- any thread --------------------------------------------------------------------------
+    # ---- what other layers read ---------------------------------------------------------------
+    @property
+    def host(self):
+        return self.loader.host
+
+    @property
+    def resident(self) -> dict[str, AdapterHandle]:
+        return self.device.resident
+
+    @property
+    def cold_loads(self) -> int:
+        return self.loader.cold_loads
+
+    @property
+    def device_evictions(self) -> int:
+        return self.device.evictions
+
+    # ---- any thread: task pointers (the replaced version is freed by free_stale) ------------------
     def resolve(self, task: str | None) -> str | None:
         """The version a new request of `task` pins (None: the plain backbone)."""
-        if task is None or task == BASE_TASK:
-            return None
-        version = self._tasks.get(task)
-        if version is None:
-            with self._pointer_lock:
-                version = self._tasks.get(task) or self.store.current(task)
-                if version is None:
-                    raise TaskNotFoundError(f"task {task!r} is not registered")
-                self._tasks[task] = version
-        if version in self._subspaces:
-            raise InvalidRequestError(_SUBSPACE_NOT_SERVABLE.format(task=task))
-        return version
+        return self.pointers.resolve(task)
+
+    def tasks(self) -> dict[str, str]:
+        return self.pointers.tasks()
+
+    def knows(self, task: str) -> bool:
+        return self.pointers.knows(task)
+
+    def unregister(self, task: str) -> None:
+        self.pointers.unregister(task)
+
+    def rollback(self, task: str, version: str | None = None) -> str:
+        return self.pointers.rollback(task, version)
 
     def prefix_len(self, version: str | None) -> int:
         """Virtual tokens of a version if known here (resident), else 0 (checked again when pinned)."""
-        handle = self._resident.get(version) if version is not None else None
+        handle = self.device.resident.get(version) if version is not None else None
         return handle.prefix_len if handle is not None else 0
 
-    def tasks(self) -> dict[str, str]:
-        return dict(self._tasks)
+    def residency(self, version: str) -> str:
+        """Where a version is now: "device" (compiled), "host" (decoded in memory) or "store"."""
+        if version in self.device.resident:
+            return "device"
+        return "host" if version in self.loader.host else "store"
 
-    def knows(self, task: str) -> bool:
-        """Whether `task` has a current version here: registered, or resolved by a request, and not
-        deleted since (a deletion on any replica reaches this one through the store's events)."""
-        return task in self._tasks
-
-    def _on_store_event(self, event: StoreEvent) -> None:
-        # Runs on the store's thread. Re-read the pointer rather than trusting the event's version:
-        # events of rapid uploads may arrive after a later one was read, and the store is the truth.
-        with self._pointer_lock:
-            try:
-                current = self.store.current(event.task)
-            except PrefixServeError:
-                log.warning("store unreachable while handling an event for task %r", event.task)
-                return
-            previous = self._tasks.get(event.task)
-            if current is None:
-                self._tasks.pop(event.task, None)
-            else:
-                self._tasks[event.task] = current
-        if previous is not None and previous != current:
-            self._stale.put(previous)  # freed on the engine thread
-
-    # ---- engine thread: registration ---------------------------------------------------------
+    # ---- uploads: validated and stored off the engine thread; only the compile runs on it ---------
     def register(self, task: str, data: bytes) -> Artifact:
         """Validate, store, and serve `task` at the new version from the next request on, all on the
         calling thread (offline use; the server splits the steps so that only the compile runs on the
@@ -174,59 +135,41 @@ class AdapterManager:
         self.free_stale()
         return artifact
 
+    def prepare_upload(self, task: str, data: bytes) -> PreparedUpload:
+        """Any thread: decode and validate an upload (every tensor and derived value in the engine's
+        dtype) and fetch what it requires that this replica has not decoded: CPU and store work that
+        touches no engine state, so the server runs it off the engine thread."""
+        check_task_name(task)
+        artifact = self._decode(data)
+        required = tuple(self.loader.fetch_required(v) for v in get_kind(artifact.kind).requires(artifact.config)
+                         if v not in self.loader.host)
+        return PreparedUpload(artifact, data, required)
+
+    def compile_upload(self, upload: PreparedUpload) -> None:
+        """Engine thread, between steps: check what validation alone cannot see (an intrinsic's soft
+        prompt through its subspace) and compile the version onto the device, so one the device
+        cannot take is refused before it is stored (a LoRA's copy into the pool, or one prefill)."""
+        artifact = upload.artifact
+        for required in upload.required:
+            self.loader.host.put(required)
+        kind = get_kind(artifact.kind)
+        kind.check_servable(artifact, self.device)
+        self.loader.host.put(artifact)
+        if kind.servable and artifact.version not in self.device.resident:
+            self._compile_for_upload(artifact)
+
+    def publish_upload(self, task: str, upload: PreparedUpload) -> Artifact:
+        """Any thread: write a compiled upload to the store and point `task` at it (store I/O with
+        fsyncs or a network round trip). The version it replaces, or this one if the write fails, is
+        handed to the engine thread to free once nothing uses it."""
+        self.pointers.publish(task, upload.artifact, upload.data)
+        return upload.artifact
+
     def free_stale(self) -> None:
         """Drop the device copies of versions that lost their task (uploads, rollbacks, deletes and
         store events hand them over from other threads), unless a request still holds them."""
-        while not self._stale.empty():
-            self._maybe_free(self._stale.get())
-
-    # ---- any thread: the parts of an upload that must not stall the step loop --------------------
-    def prepare_upload(self, task: str, data: bytes) -> PreparedUpload:
-        """Decode and validate an upload (every tensor and derived value in the engine's dtype) and
-        fetch an intrinsic's subspace if this replica has not decoded it: CPU and store work that
-        touches no engine state, so the server runs it off the engine thread."""
-        if task == BASE_TASK or not _TASK_NAME.match(task):
-            raise InvalidRequestError(f"task names are 1-200 characters of letters, digits and ._:/- (not "
-                                      f"{BASE_TASK!r}), found {task!r}")
-        artifact = self._decode(data)
-        subspace = None
-        if artifact.kind == "intrinsic" and artifact.config["subspace_version"] not in self.host:
-            subspace = self._fetch_subspace(artifact)
-        return PreparedUpload(artifact, data, subspace)
-
-    def publish_upload(self, task: str, upload: PreparedUpload) -> Artifact:
-        """Write a compiled upload to the store and point `task` at it (store I/O with fsyncs or a
-        network round trip: off the engine thread). The version it replaces, or this one if the
-        write fails, is handed to the engine thread to free once nothing uses it."""
-        artifact = upload.artifact
-        try:
-            with self._pointer_lock:
-                self.store.put(task, upload.data, artifact.kind, requires=(artifact.config["subspace_version"],)
-                               if artifact.kind == "intrinsic" else ())  # its subspace's blob is kept with it
-                previous = self._tasks.get(task)
-                self._tasks[task] = artifact.version
-        except BaseException:
-            self._stale.put(artifact.version)  # compiled for nothing unless a task points at it
-            raise
-        if artifact.kind == "subspace":
-            self._subspaces.add(artifact.version)
-        if previous is not None and previous != artifact.version:
-            self._stale.put(previous)
-        return artifact
-
-    # ---- engine thread: registration ---------------------------------------------------------
-    def compile_upload(self, upload: PreparedUpload) -> None:
-        """Between steps: decode an intrinsic's soft prompt and compile the version onto the device,
-        so one the device cannot take is refused before it is stored. The only part of an upload
-        that runs on the engine thread (a LoRA's copy into its slot, or one prefill of P tokens)."""
-        artifact = upload.artifact
-        if upload.subspace is not None:
-            self.host.put(upload.subspace)
-        if artifact.kind == "intrinsic":
-            self._decode_intrinsic(artifact)  # refuse a missing subspace or a soft prompt that overflows
-        self.host.put(artifact)
-        if artifact.kind != "subspace" and artifact.version not in self._resident:
-            self._compile_for_upload(artifact)
+        for version in self.pointers.drain_stale():
+            self._maybe_free(version)
 
     def _compile_for_upload(self, artifact: Artifact) -> None:
         """Compile a new version now: it warms the device, and a version the device cannot take is
@@ -243,34 +186,6 @@ class AdapterManager:
                                f"({type(exc).__name__}: {exc}); nothing was stored") from None
         self._quarantined.pop(artifact.version, None)  # the same bytes re-uploaded and compiled fine now
 
-    # ---- any thread: task pointers (store writes; the replaced version is freed by free_stale) ----
-    def unregister(self, task: str) -> None:
-        with self._pointer_lock:
-            if self.store.current(task) is None:
-                raise TaskNotFoundError(f"task {task!r} is not registered")
-            self.store.delete(task)
-            previous = self._tasks.pop(task, None)
-        if previous is not None:
-            self._stale.put(previous)
-
-    def rollback(self, task: str, version: str | None = None) -> str:
-        """Make an earlier version (the previous one by default) current; returns it."""
-        with self._pointer_lock:
-            target = self.store.rollback(task, version)
-            previous = self._tasks.get(task)
-            self._tasks[task] = target
-        if previous is not None and previous != target:
-            self._stale.put(previous)
-        return target
-
-    # ---- engine thread -------------------------------------------------------------------------
-
-    def residency(self, version: str) -> str:
-        """Where a version is now: "device" (compiled), "host" (decoded in memory) or "store"."""
-        if version in self._resident:
-            return "device"
-        return "host" if version in self.host else "store"
-
     # ---- engine thread: per request ----------------------------------------------------------
     def begin(self, request: Request) -> bool:
         """Pin the request's version if it is on the device (True); else start loading it (False)."""
@@ -279,15 +194,15 @@ class AdapterManager:
             return True
         if version in self._quarantined:
             raise self._quarantined[version]
-        handle = self._resident.get(version)
-        if handle is not None and handle.lora is not None and self._starving_other(version):
+        handle = self.device.resident.get(version)
+        if handle is not None and version in self._draining:
             self._held.append(request)
             return False
         if handle is not None:
             self._pin(request, handle)
             return True
         self._waiting.setdefault(version, []).append(request)
-        self._start_load(version)
+        self.loader.start(version)
         return False
 
     def share(self, request: Request, handle: AdapterHandle) -> None:
@@ -305,8 +220,7 @@ class AdapterManager:
     def release(self, handle: AdapterHandle | None) -> None:
         if handle is None:
             return
-        handle.num_users -= 1
-        self.pages.free(handle.prefix_pages)
+        self.device.unpin(handle)
         self._maybe_free(handle.version)
 
     def poll(self) -> list[tuple[Request, PrefixServeError | None]]:
@@ -314,21 +228,20 @@ class AdapterManager:
         waiting requests that are now pinned (error None) or can never be served (their error)."""
         self.free_stale()
         ready = []
-        for version in [v for v, f in self._loading.items() if f.done()]:
-            future = self._loading.pop(version)
+        for version, future in self.loader.finished():
             requests = self._waiting.pop(version, [])
-            starved_since = self._row_starved.pop(version, None)
+            starved = self._row_starved.pop(version, None)  # (since, rows needed)
             try:
-                for artifact in future.result():
-                    self.host.put(artifact)
                 handle = self._make_resident(version, future.result()[0])
-            except EngineOverloadedError:
+            except EngineOverloadedError as exc:
                 # Every page or pool row is held by running requests: wait for one to finish, retry then
                 # (unless every request for it has gone meanwhile).
                 if requests:
-                    self._loading[version], self._waiting[version] = future, requests
-                    if future.result()[0].kind == "lora":
-                        self._row_starved[version] = starved_since or time.monotonic()
+                    self.loader.retry(version, future)
+                    self._waiting[version] = requests
+                    if isinstance(exc, PoolRowsExhausted):
+                        since = starved[0] if starved else time.monotonic()
+                        self._row_starved[version] = (since, exc.rows_needed)
                 continue
             except AdapterFailedError as exc:
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
@@ -341,6 +254,7 @@ class AdapterManager:
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
                 continue
             ready += self._pin_all(requests, handle)
+        self._draining = self._choose_draining()
         return ready + self._release_held()
 
     def _pin_all(self, requests: list[Request], handle: AdapterHandle) -> list[tuple[Request, PrefixServeError | None]]:
@@ -353,10 +267,31 @@ class AdapterManager:
                 ready.append((request, exc))
         return ready
 
-    def _starving_other(self, version: str) -> bool:
-        """Whether another LoRA version has waited for pool rows past the grace period."""
+    def _choose_draining(self) -> set[str]:
+        """Once LoRAs have waited ROW_WAIT_GRACE_S for pool rows: the resident LoRAs in use with the
+        fewest requests, just enough of them that their rows cover what the waiting ones need. Their
+        new requests are held (not pinned) so they drain; every other adapter keeps serving. The
+        wait is bounded: a drained LoRA is idle, evictable, and gives its rows to a waiting one."""
         deadline = time.monotonic() - ROW_WAIT_GRACE_S
-        return any(v != version and since <= deadline for v, since in self._row_starved.items())
+        need = sum(rows for since, rows in self._row_starved.values() if since <= deadline)
+        if not need:
+            return set()
+        in_use = []
+        for handle in self.device.resident.values():
+            if handle.lora is None:
+                continue
+            if handle.num_users:
+                in_use.append(handle)
+            else:
+                need -= handle.lora.rank  # idle: evicted for a waiting one at its next try
+        need -= self.runner.lora_pool.num_free_rows
+        draining = set()
+        for handle in sorted(in_use, key=lambda h: h.num_users):
+            if need <= 0:
+                break
+            draining.add(handle.version)
+            need -= handle.lora.rank
+        return draining
 
     def _release_held(self) -> list[tuple[Request, PrefixServeError | None]]:
         """Held requests whose version no starved one waits on any more: pinned again, or loaded
@@ -364,14 +299,14 @@ class AdapterManager:
         ready, still_held = [], []
         for request in self._held:
             version = request.task_version
-            handle = self._resident.get(version)
-            if self._starving_other(version):
+            handle = self.device.resident.get(version)
+            if version in self._draining:
                 still_held.append(request)
             elif handle is not None:
                 ready += self._pin_all([request], handle)
             else:
                 self._waiting.setdefault(version, []).append(request)
-                self._start_load(version)
+                self.loader.start(version)
         self._held = still_held
         return ready
 
@@ -389,166 +324,37 @@ class AdapterManager:
 
     @property
     def num_loading(self) -> int:
-        return len(self._loading)
+        return len(self.loader)
 
     def wait_for_load(self, timeout: float) -> None:
         """Block the engine thread until some load finishes (nothing else can run meanwhile)."""
-        if self._loading:
-            wait(list(self._loading.values()), timeout=timeout, return_when="FIRST_COMPLETED")
+        self.loader.wait(timeout)
 
     def reclaim_pages(self, num_pages: int) -> int:
-        """Evict idle prefixes (least recently used first) until num_pages are free; returns how many
-        pages were freed. The scheduler calls this before it preempts anyone."""
-        freed = 0
-        for handle in [h for h in self._resident.values() if not h.num_users and h.prefix_pages]:
-            if self.pages.num_free_pages >= num_pages:
-                break
-            freed += len(handle.prefix_pages)
-            self._drop(handle)
-            self.device_evictions += 1
-        return freed
+        """Evict idle prefixes until num_pages are free (the scheduler asks before it preempts)."""
+        return self.device.reclaim_pages(num_pages)
 
     def _pin(self, request: Request, handle: AdapterHandle) -> None:
         # Checked again here: admission knew the task's virtual tokens only if the version was resident.
         check_context_room(request.num_prompt_tokens, handle.prefix_len, request.params.max_new_tokens,
                            self.backbone.max_model_len)
-        handle.num_users += 1
-        self.pages.share(handle.prefix_pages)
-        self._resident.move_to_end(handle.version)
+        self.device.pin(handle)
         request.adapter = handle
 
-    # ---- loading -----------------------------------------------------------------------------
-    def _start_load(self, version: str) -> None:
-        if version in self._loading:
-            return
-        cached = self.host.get(version)
-        if cached is not None and cached.kind != "intrinsic":
-            done: Future = Future()
-            done.set_result([cached])
-            self._loading[version] = done
-            return
-        self.cold_loads += 1
-        self._loading[version] = self._loader.submit(self._fetch, version)
-
-    def _fetch(self, version: str) -> list[Artifact]:
-        """Loader thread: bytes from the store, validated and decoded (plus an intrinsic's subspace)."""
-        artifact = self._decode(self.store.get(version))
-        if artifact.kind == "subspace":
-            self._subspaces.add(version)
-            raise InvalidRequestError(_SUBSPACE_NOT_SERVABLE.format(task=version[:12]))
-        if artifact.kind == "intrinsic":
-            return [artifact, self._decode(self.store.get(artifact.config["subspace_version"]))]
-        return [artifact]
+    def _make_resident(self, version: str, artifact: Artifact | None = None) -> AdapterHandle:
+        artifact = artifact or self.loader.host.get(version)
+        if artifact is None:  # evicted from the host cache between load and compile: fetch again
+            artifact = self.loader.fetch(version)
+        return self.device.make_resident(version, artifact)
 
     def _decode(self, data: bytes) -> Artifact:
         return decode_artifact(data, expected_fingerprint=self.fingerprint, limits=self.limits,
                                arch=self.backbone.arch, dtype=self.runner.dtype)
 
-    def _subspace(self, intrinsic: Artifact) -> Artifact:
-        subspace = self.host.get(intrinsic.config["subspace_version"])
-        if subspace is None:
-            subspace = self._fetch_subspace(intrinsic)
-            self.host.put(subspace)
-        return subspace
-
-    def _fetch_subspace(self, intrinsic: Artifact) -> Artifact:
-        version = intrinsic.config["subspace_version"]
-        try:
-            return self._decode(self.store.get(version))
-        except TaskNotFoundError:
-            raise AdapterError(f"the intrinsic vector needs subspace {version}, which is not registered; "
-                               f"upload the subspace artifact first") from None
-
-    # ---- device residency --------------------------------------------------------------------
-    def _make_resident(self, version: str, artifact: Artifact | None = None) -> AdapterHandle:
-        artifact = artifact or self.host.get(version)
-        if artifact is None:  # evicted from the host cache between load and compile: fetch again
-            artifact = self._fetch(version)[0]
-        handle = AdapterHandle(version, artifact.kind)
-        tensors = artifact.tensors
-        if artifact.kind == "lora":
-            rank = artifact.config["rank"]
-            pool = self.runner.lora_pool
-            if pool.num_free_rows < rank:
-                self._evict_idle(lambda: pool.num_free_rows >= rank, lora_only=True)
-            handle.lora = self._load_lora(artifact)
-        else:
-            if artifact.kind == "prefix":
-                num_tokens = tensors["keys"].shape[1]
-            elif artifact.kind == "prompt":
-                embeddings = tensors["embeddings"]
-                num_tokens = embeddings.shape[0]
-            elif artifact.kind == "intrinsic":
-                embeddings = self._decode_intrinsic(artifact)
-                num_tokens = embeddings.shape[0]
-            else:
-                raise AdapterError(f"kind {artifact.kind!r} cannot be served")
-            if num_tokens >= self.backbone.max_model_len:
-                raise AdapterError(f"the adapter has {num_tokens} virtual tokens; the context holds "
-                                   f"{self.backbone.max_model_len}")
-            num_pages = self.pages.pages_for(num_tokens)
-            if not self.pages.can_allocate(num_pages):
-                self._evict_idle(lambda: self.pages.can_allocate(num_pages))
-            if not self.pages.can_allocate(num_pages):
-                raise EngineOverloadedError(f"the KV pool has no room for a {num_tokens}-token prefix now; "
-                                            f"retry later")
-            handle.prefix_pages, handle.prefix_len = self.pages.allocate(num_pages), num_tokens
-            try:
-                if artifact.kind == "prefix":
-                    self.runner.write_prefix(tensors["keys"], tensors["values"], handle.prefix_pages)
-                else:
-                    self.runner.prefill_embeddings(embeddings, handle.prefix_pages)
-                if not self.runner.prefix_is_finite(handle.prefix_pages, num_tokens):
-                    raise AdapterError(f"{artifact.kind}: expected the task's {num_tokens} virtual tokens to give "
-                                       f"finite keys and values through the backbone, found NaN/Inf")
-            except Exception:
-                # Zeroed before reuse: attention multiplies masked slots by 0, and NaN * 0 is NaN.
-                self.runner.clear_pages(handle.prefix_pages)
-                self.pages.free(handle.prefix_pages)
-                raise
-        self._resident[version] = handle
-        return handle
-
-    def _decode_intrinsic(self, artifact: Artifact) -> torch.Tensor:
-        subspace = self._subspace(artifact)
-        z = artifact.tensors["z"]
-        expected = subspace.config["intrinsic_dim"]
-        if z.shape != (expected,):
-            raise AdapterError(f"subspace {subspace.version[:12]} decodes {expected}-dimensional vectors, found z "
-                               f"of shape {tuple(z.shape)}")
-        embeddings = get_kind("subspace").decode(subspace.tensors, z, subspace.config)  # [P, hidden]
-        check_finite_in_dtype("intrinsic", {f"the soft prompt decoded through subspace {subspace.version[:12]}":
-                                            embeddings}, self.runner.dtype)
-        return embeddings
-
-    def _load_lora(self, artifact: Artifact) -> LoRAAllocation:
-        weights = {}
-        for name, a in artifact.tensors.items():
-            match = _LORA_KEY.match(name)
-            if match:
-                layer, target = int(match.group(1)), match.group(2)
-                weights[(layer, target)] = (a, artifact.tensors[f"layers.{layer}.{target}.lora_b"])
-        return self.runner.lora_pool.load(weights, get_kind("lora").scaling(artifact.config))
-
-    def _evict_idle(self, enough, lora_only: bool = False) -> None:
-        for handle in list(self._resident.values()):  # least recently used first
-            if enough():
-                return
-            if not handle.num_users and (handle.lora is not None if lora_only else True):
-                self._drop(handle)
-                self.device_evictions += 1
-
     def _maybe_free(self, version: str) -> None:
-        handle = self._resident.get(version)
+        handle = self.device.resident.get(version)
         if handle is None or handle.num_users:
             return
-        if version in self._tasks.values() and version not in self._quarantined:
+        if self.pointers.is_current(version) and version not in self._quarantined:
             return  # still current for some task: it stays as a device cache entry until space is needed
-        self._drop(handle)
-
-    def _drop(self, handle: AdapterHandle) -> None:
-        del self._resident[handle.version]
-        self.pages.free(handle.prefix_pages)
-        if handle.lora is not None:
-            self.runner.lora_pool.free(handle.lora)
-
+        self.device.drop(handle)

@@ -41,6 +41,14 @@ def pool_rows_for(arch: LlamaArch, dtype: torch.dtype, budget_bytes: int, max_ra
     return rows
 
 
+class PoolRowsExhausted(EngineOverloadedError):
+    """Too few free rows for an adapter now: every row is held by adapters in use."""
+
+    def __init__(self, message: str, rows_needed: int):
+        super().__init__(message)
+        self.rows_needed = rows_needed
+
+
 @dataclass(frozen=True)
 class LoRAAllocation:
     """Where one resident adapter lives in the pool."""
@@ -75,8 +83,8 @@ class LoRAPool:
         """weights: (layer, target) -> (A [r, in], B [out, r]), one rank r for the adapter."""
         rank = max(a.shape[0] for a, _ in weights.values())
         if rank > len(self._free):
-            raise EngineOverloadedError(f"the LoRA pool has {len(self._free)} free ranks of {self.max_rows}, the "
-                                        f"adapter needs {rank}; retry when running adapters end")
+            raise PoolRowsExhausted(f"the LoRA pool has {len(self._free)} free ranks of {self.max_rows}, the "
+                                    f"adapter needs {rank}; retry when running adapters end", rank)
         rows = [self._free.pop() for _ in range(rank)]
         targets = frozenset(target for _, target in weights)
         try:

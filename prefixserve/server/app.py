@@ -11,9 +11,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
+from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.errors import PrefixServeError
 from prefixserve.server.admin_routes import admin_router
 from prefixserve.server.auth import Authenticator, Caller, metrics_reader

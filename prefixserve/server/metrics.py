@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import RequestOutput
+from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.errors import PrefixServeError
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -121,7 +121,7 @@ class _EngineCollector:
         yield _gauge("prefixserve_kv_pages_free", "Free pages of the KV pool", e.pages.num_free_pages)
         yield _gauge("prefixserve_kv_pages_total", "Pages of the KV pool", e.pages.num_pages)
         yield _gauge("prefixserve_adapters_on_device", "Adapter versions resident on the device",
-                     len(adapters._resident))
+                     len(adapters.resident))
         yield _gauge("prefixserve_host_cache_bytes", "Decoded adapters held in host memory", adapters.host.num_bytes)
         yield _counter("prefixserve_adapter_cold_loads", "Adapter versions fetched from the store for a request",
                        adapters.cold_loads)

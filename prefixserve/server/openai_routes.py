@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from prefixserve.engine.adapters import BASE_TASK
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
+from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.errors import PrefixServeError
 from prefixserve.server import auth
 from prefixserve.server.auth import Caller

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from prefixserve.engine.adapters import BASE_TASK, MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
+from prefixserve.engine.task_pointers import BASE_TASK, MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
 from prefixserve.errors import InvalidRequestError
 
 _TASK_NAME = re.compile(TASK_NAME_PATTERN)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
-from prefixserve.engine.adapters import MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
+from prefixserve.engine.task_pointers import MAX_TASK_NAME_CHARS, TASK_NAME_PATTERN
 from prefixserve.server.protocol import SEED, ErrorBody, accepts
 from prefixserve.training.queue import JobStatus
 from prefixserve.training.spec import (

@@ -87,7 +87,7 @@ def test_intrinsic_without_its_subspace_is_refused(engine):
 
 def test_requests_of_one_prefix_task_share_one_copy(engine):
     engine.register_adapter("shared", prefix_artifact(engine, num_tokens=20, seed=2))
-    (handle,) = engine.adapters._resident.values()
+    (handle,) = engine.adapters.resident.values()
     assert len(handle.prefix_pages) == 2 and [engine.pages.ref_count(p) for p in handle.prefix_pages] == [1, 1]
     requests = [engine.add_request(prompt_token_ids=p, params=GREEDY, task="shared")
                 for p in random_prompts([3, 5, 8, 13, 21], seed=3)]
@@ -116,13 +116,13 @@ def test_running_request_keeps_its_version_across_a_reupload(engine):
     engine.step()
     engine.register_adapter("task", v2)  # hot swap while `old` is running
     new = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="task")
-    assert len(engine.adapters._resident) == 2  # v1 stays while its request runs
+    assert len(engine.adapters.resident) == 2  # v1 stays while its request runs
     while engine.has_unfinished():
         engine.step()
     assert old.output_token_ids == v1_alone.token_ids  # batched with `new`, so logprobs agree to float noise
     assert torch.allclose(torch.tensor(old.logprobs), torch.tensor(v1_alone.logprobs), atol=1e-5)
     assert new.output_token_ids == v2_alone.token_ids
-    assert len(engine.adapters._resident) == 1  # v1 freed with its last request
+    assert len(engine.adapters.resident) == 1  # v1 freed with its last request
 
 
 def test_unknown_task_and_bad_bytes_leave_no_state(engine):
@@ -138,7 +138,7 @@ def test_unknown_task_and_bad_bytes_leave_no_state(engine):
 
 def test_a_lora_waiting_for_pool_rows_is_not_starved_by_steady_traffic(engine, monkeypatch):
     """Room for two LoRAs, which new requests keep busy every step: a third waits only the grace
-    period, then new requests of the two are held back until it is resident, and all are served."""
+    period, then new requests of one of the two are held back until it is resident; all are served."""
     monkeypatch.setattr(adapters_module, "ROW_WAIT_GRACE_S", 0.0)
     for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
         engine.register_adapter(name, lora_artifact(engine, seed=i))
@@ -158,6 +158,30 @@ def test_a_lora_waiting_for_pool_rows_is_not_starved_by_steady_traffic(engine, m
         engine.step()
     assert starved.output_token_ids == run(engine, prompt, "lora-a").token_ids
     assert all(r.num_output_tokens == 4 for r in steady)
+
+
+def test_only_the_least_used_lora_drains_for_a_waiting_one(tiny_backbone, monkeypatch):
+    """Room for two rank-2 LoRAs: b with three requests, c with one, a waiting. Only c's new
+    requests wait (c holds the fewest, and its rows are enough); b's keep being served at once."""
+    monkeypatch.setattr(adapters_module, "ROW_WAIT_GRACE_S", 0.0)
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                   **room_for_two_rank2_loras(tiny_backbone)))
+    for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
+        engine.register_adapter(name, lora_artifact(engine, seed=i))
+    prompt = random_prompts([5], seed=6)[0]
+    long = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    running = [engine.add_request(prompt_token_ids=prompt, params=long, task=t)
+               for t in ("lora-b", "lora-b", "lora-b", "lora-c")]
+    engine.step()
+    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-a")
+    engine.step()  # a finds no free rows: c is chosen to drain
+    later_b = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-b")
+    later_c = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-c")
+    assert not later_b.adapter_pending and later_c.adapter_pending
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.num_output_tokens == r.params.max_new_tokens for r in [*running, waiting, later_b, later_c])
+    engine.close()
 
 
 def test_lora_pool_is_a_device_cache(engine):

@@ -71,7 +71,7 @@ def check_parity(base, backbone, adapters, prompts):
     assert max(worst.values()) < 1e-4, worst
     assert min(steer.values()) > 1e-3, steer  # every adapter really changes what the model says
     assert set(steer) == set(adapters)
-    resident = sum(len(h.prefix_pages) for h in engine.adapters._resident.values())
+    resident = sum(len(h.prefix_pages) for h in engine.adapters.resident.values())
     assert engine.pages.num_free_pages + resident == engine.pages.num_pages
 
 

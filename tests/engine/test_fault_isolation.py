@@ -79,7 +79,7 @@ def test_a_stored_lora_whose_scaling_overflows_fails_only_its_own_requests(engin
     assert [requests[i].output_token_ids for i in (0, 1, 3)] == expected
     assert [errors[i] for i in (0, 1, 3)] == [None, None, None]
     assert engine.generate([prompts[0]], GREEDY)[0].token_ids == expected[0]  # later requests are served
-    held_by_prefixes = sum(len(h.prefix_pages) for h in engine.adapters._resident.values())
+    held_by_prefixes = sum(len(h.prefix_pages) for h in engine.adapters.resident.values())
     assert engine.pages.num_free_pages + held_by_prefixes == engine.pages.num_pages  # no request's pages leak
 
 

@@ -61,7 +61,7 @@ def test_upload_on_one_replica_is_served_by_the_other(tiny_backbone, redis_url, 
             b.step()
         assert streaming.output_token_ids == solo(tiny_backbone, v1, prompt, LONG)
         assert fresh.output_token_ids == solo(tiny_backbone, v2, prompt, SHORT)
-        assert list(b.adapters._resident) == [artifact_version(v2)]  # v1 left with its last request
+        assert list(b.adapters.resident) == [artifact_version(v2)]  # v1 left with its last request
     finally:
         a.close()
         b.close()

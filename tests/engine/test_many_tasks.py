@@ -64,10 +64,10 @@ def test_ten_thousand_tasks_stay_bounded_and_in_use_adapters_stay(tiny_backbone,
 def check_invariants(engine):
     adapters = engine.adapters
     assert adapters.host.num_bytes <= HOST_CACHE_BYTES
-    resident_pages = sum(len(h.prefix_pages) for h in adapters._resident.values())
+    resident_pages = sum(len(h.prefix_pages) for h in adapters.resident.values())
     request_pages = sum(len(r.page_ids) for r in engine.scheduler.running)
     assert resident_pages + request_pages + engine.pages.num_free_pages == engine.pages.num_pages
     for request in engine.scheduler.running:
         handle = request.adapter
-        assert handle is not None and adapters._resident.get(handle.version) is handle  # in use: never evicted
+        assert handle is not None and adapters.resident.get(handle.version) is handle  # in use: never evicted
         assert all(engine.pages.ref_count(p) >= 1 + handle.num_users for p in handle.prefix_pages)

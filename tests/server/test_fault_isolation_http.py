@@ -116,7 +116,7 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(client, server, 
     # The client is gone: the request must end as aborted (not run to its 2000 tokens) and free its pages.
     assert wait_until(lambda: not sync.has_unfinished())
     assert wait_until(lambda: aborted_requests(client) == aborted_before + 1)
-    assert sync.pages.num_free_pages + sum(len(h.prefix_pages) for h in sync.adapters._resident.values()) \
+    assert sync.pages.num_free_pages + sum(len(h.prefix_pages) for h in sync.adapters.resident.values()) \
         == sync.pages.num_pages
 
 

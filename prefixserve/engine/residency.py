@@ -1,0 +1,134 @@
+"""Which adapter versions are on the device, who holds them, and what makes room. Engine thread only.
+
+Implements the `DeviceTarget` that kinds compile through (adapters_store/kinds): a kind says what
+its tensors become (a KV prefix, a soft prompt to prefill, LoRA weights), this module owns the KV
+pages and LoRA pool rows they take and evicts idle versions, least recently used first, when
+either runs short. Prompt-style versions are compiled once into KV pages shared read-only by all
+their requests, reference-counted: one reference for the resident copy, one per request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.kinds import get_kind
+from prefixserve.engine.kv_pages import KVPageManager
+from prefixserve.engine.lora_pool import LoRAAllocation
+from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.errors import AdapterError, EngineOverloadedError
+
+
+@dataclass
+class Placement:
+    """What a compiled version holds on the device."""
+
+    prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
+    prefix_len: int = 0
+    lora: LoRAAllocation | None = None  # lora: its rows in the pool
+
+
+@dataclass(eq=False)
+class AdapterHandle:
+    """One device-resident adapter version."""
+
+    version: str
+    kind: str
+    prefix_pages: list[int] = field(default_factory=list)
+    prefix_len: int = 0
+    lora: LoRAAllocation | None = None
+    num_users: int = 0  # requests holding it
+
+
+class DeviceResidency:
+    def __init__(self, runner: ModelRunner, pages: KVPageManager, max_model_len: int,
+                 required: Callable[[str], Artifact]):
+        self.runner, self.pages, self.max_model_len = runner, pages, max_model_len
+        self.dtype: torch.dtype = runner.dtype
+        self._required = required
+        self.resident: OrderedDict[str, AdapterHandle] = OrderedDict()  # version -> handle, least recent first
+        self.evictions = 0  # idle versions dropped from the device to make room
+
+    def make_resident(self, version: str, artifact: Artifact) -> AdapterHandle:
+        placement = get_kind(artifact.kind).compile(artifact, self)
+        handle = AdapterHandle(version, artifact.kind, placement.prefix_pages, placement.prefix_len, placement.lora)
+        self.resident[version] = handle
+        return handle
+
+    def pin(self, handle: AdapterHandle) -> None:
+        handle.num_users += 1
+        self.pages.share(handle.prefix_pages)
+        self.resident.move_to_end(handle.version)
+
+    def unpin(self, handle: AdapterHandle) -> None:
+        handle.num_users -= 1
+        self.pages.free(handle.prefix_pages)
+
+    def drop(self, handle: AdapterHandle) -> None:
+        del self.resident[handle.version]
+        self.pages.free(handle.prefix_pages)
+        if handle.lora is not None:
+            self.runner.lora_pool.free(handle.lora)
+
+    def evict_idle(self, enough: Callable[[], bool], lora_only: bool = False) -> None:
+        for handle in list(self.resident.values()):  # least recently used first
+            if enough():
+                return
+            if not handle.num_users and (handle.lora is not None if lora_only else True):
+                self.drop(handle)
+                self.evictions += 1
+
+    def reclaim_pages(self, num_pages: int) -> int:
+        """Evict idle prefixes (least recently used first) until num_pages are free; returns how many
+        pages were freed. The scheduler calls this before it preempts anyone."""
+        freed = 0
+        for handle in [h for h in self.resident.values() if not h.num_users and h.prefix_pages]:
+            if self.pages.num_free_pages >= num_pages:
+                break
+            freed += len(handle.prefix_pages)
+            self.drop(handle)
+            self.evictions += 1
+        return freed
+
+    # ---- DeviceTarget: what kinds compile through -----------------------------------------------
+    def required(self, version: str) -> Artifact:
+        return self._required(version)
+
+    def install_kv_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> Placement:
+        return self._install_prefix(keys.shape[1], lambda pages: self.runner.write_prefix(keys, values, pages))
+
+    def install_soft_prompt(self, embeddings: torch.Tensor) -> Placement:
+        return self._install_prefix(embeddings.shape[0],
+                                    lambda pages: self.runner.prefill_embeddings(embeddings, pages))
+
+    def install_lora(self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                     rank: int) -> Placement:
+        pool = self.runner.lora_pool
+        if pool.num_free_rows < rank:
+            self.evict_idle(lambda: pool.num_free_rows >= rank, lora_only=True)
+        return Placement(lora=pool.load(weights, scaling))
+
+    def _install_prefix(self, num_tokens: int, write: Callable[[list[int]], None]) -> Placement:
+        if num_tokens >= self.max_model_len:
+            raise AdapterError(f"the adapter has {num_tokens} virtual tokens; the context holds {self.max_model_len}")
+        num_pages = self.pages.pages_for(num_tokens)
+        if not self.pages.can_allocate(num_pages):
+            self.evict_idle(lambda: self.pages.can_allocate(num_pages))
+        if not self.pages.can_allocate(num_pages):
+            raise EngineOverloadedError(f"the KV pool has no room for a {num_tokens}-token prefix now; retry later")
+        pages = self.pages.allocate(num_pages)
+        try:
+            write(pages)
+            if not self.runner.prefix_is_finite(pages, num_tokens):
+                raise AdapterError(f"expected the task's {num_tokens} virtual tokens to give finite keys and values "
+                                   f"through the backbone, found NaN/Inf")
+        except Exception:
+            # Zeroed before reuse: attention multiplies masked slots by 0, and NaN * 0 is NaN.
+            self.runner.clear_pages(pages)
+            self.pages.free(pages)
+            raise
+        return Placement(pages, num_tokens)
