@@ -51,8 +51,8 @@ from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.config import AdapterLimits, ModelConfig
 from prefixserve.engine.task_pointers import BASE_TASK
+from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 from prefixserve.models.loader import load_backbone
-from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
 
 KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "mixed")
 MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic")

@@ -115,8 +115,8 @@ def load_adapters(engine, specs: list[str]) -> None:
     from pathlib import Path
 
     from prefixserve.adapters_store.peft_import import import_peft
+    from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
     from prefixserve.errors import InvalidRequestError
-    from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
 
     for spec in specs:
         task, sep, path = spec.partition("=")
@@ -215,7 +215,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from prefixserve.engine.llm_engine import LLMEngine
     from prefixserve.engine.request import SamplingParams
-    from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
+    from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 
     engine = LLMEngine.from_config(engine_config(args), adapter_store(args))
     load_adapters(engine, args.adapter)

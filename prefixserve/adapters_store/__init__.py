@@ -1,10 +1,10 @@
 """Task artifacts: the format (one safetensors file), the kind registry, backbone fingerprints and
 PEFT import. Stores and caches build on these; nothing here imports the engine or the server."""
 
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint, fingerprint_from_parts
 from prefixserve.adapters_store.format import (
     FORMAT_VERSION,
-    Artifact,
     artifact_version,
     decode_artifact,
     encode_artifact,

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.fingerprint import fingerprint_differences
+from prefixserve.adapters_store.finite import all_finite, check_finite_in_dtype
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.errors import AdapterError
 
@@ -29,16 +29,6 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
-
-
-@dataclass(frozen=True)
-class Artifact:
-    kind: str  # registered kind name (kinds.KINDS)
-    config: dict  # the kind's config (JSON-able)
-    tensors: dict[str, torch.Tensor]  # CPU, fp32/fp16/bf16 as stored
-    fingerprint: dict  # backbone fingerprint it was made for
-    version: str  # sha256 hex of the artifact bytes
-    num_bytes: int
 
 
 def artifact_version(data: bytes) -> str:
@@ -140,56 +130,16 @@ def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise AdapterError(f"expected a well-formed safetensors body, found: {e}") from None
 
 
-def _all_finite(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None = None) -> bool:
-    """Whether every value is finite (after a cast to `dtype`, if given), in a few large ops rather than
-    two small ones per tensor: a LoRA on every projection has hundreds of tensors, and each small op
-    is a GIL round trip that competes with the engine thread while an upload is checked. Callers look
-    tensor by tensor only when this fails, to name the bad one."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    for group in by_dtype.values():
-        flat = torch.cat(group) if len(group) > 1 else group[0]
-        if not bool(torch.isfinite(flat if dtype is None else flat.to(dtype)).all()):
-            return False
-    return True
-
-
 def _check_tensor_values(tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.dtype not in SAFETENSORS_DTYPES.values():
             raise AdapterError(f"expected tensor {name!r} in float32, float16 or bfloat16, found {t.dtype}")
-    if _all_finite(tensors.values()):
+    if all_finite(tensors.values()):
         return
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             num_bad = int((~torch.isfinite(t)).sum())
             raise AdapterError(f"expected finite values in tensor {name!r}, found {num_bad} NaN/Inf")
-
-
-def check_finite_in_dtype(kind: str, values: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Refuse a value that overflows once cast to what the engine holds it in: its dtype for weights,
-    KV and activations, float32 for the LoRA scaling and decoded soft prompts. Finite in the file is
-    not enough: 1e5 is a valid float32 but inf in float16."""
-    for dtype_held in dict.fromkeys((torch.float32, dtype)):
-        if _all_finite(values.values(), dtype_held):
-            continue
-        for name, value in values.items():
-            cast = value.to(dtype_held)
-            if bool(torch.isfinite(cast).all()):
-                continue
-            if value.numel() == 1:
-                found = f"{float(value):.6g}, which overflows"
-            else:
-                num_bad = int((~torch.isfinite(cast)).sum())
-                found = (f"{num_bad} of its {value.numel()} values overflow (largest magnitude "
-                         f"{float(value.double().abs().max()):.6g})")
-            raise AdapterError(f"{kind}: expected {name} to be finite in {_dtype_name(dtype_held)} (the dtype the "
-                               f"engine holds it in), found {found}")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _canonical_json(field: str, value: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.engine.host_cache import HostCache

@@ -28,17 +28,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
-from prefixserve.adapters_store.format import Artifact, decode_artifact
+from prefixserve.adapters_store.format import decode_artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import AdapterLimits
+from prefixserve.engine.adapter_handle import AdapterHandle
 from prefixserve.engine.adapter_loader import AdapterLoader
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.lora_pool import PoolRowsExhausted
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.request import check_context_room
-from prefixserve.engine.residency import AdapterHandle, DeviceResidency
+from prefixserve.engine.residency import DeviceResidency
 from prefixserve.engine.task_pointers import TaskPointers, check_task_name
 from prefixserve.errors import AdapterError, AdapterFailedError, EngineOverloadedError, PrefixServeError
 from prefixserve.models.loader import Backbone

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from prefixserve.engine.model_runner import ModelRunner, StepResult
-from prefixserve.engine.scheduler import SchedulerOutput
+from prefixserve.engine.scheduler_output import SchedulerOutput
 
 log = logging.getLogger(__name__)
 

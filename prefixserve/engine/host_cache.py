@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.artifact import Artifact
 
 
 class HostCache:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import EngineConfig

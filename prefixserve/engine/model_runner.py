@@ -10,7 +10,7 @@ import torch
 
 from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
 from prefixserve.engine.request import Request, TopLogprobs
-from prefixserve.engine.scheduler import SchedulerOutput
+from prefixserve.engine.scheduler_output import SchedulerOutput
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata

@@ -16,8 +16,8 @@ from prefixserve.engine.structured import StructuredOutput
 from prefixserve.errors import InvalidRequestError, expect
 
 if TYPE_CHECKING:
+    from prefixserve.engine.adapter_handle import AdapterHandle
     from prefixserve.engine.detokenizer import IncrementalDetokenizer
-    from prefixserve.engine.residency import AdapterHandle
     from prefixserve.engine.structured import GrammarMatcher
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.kinds import get_kind
+from prefixserve.engine.adapter_handle import AdapterHandle
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.model_runner import ModelRunner
@@ -30,18 +31,6 @@ class Placement:
     prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
     prefix_len: int = 0
     lora: LoRAAllocation | None = None  # lora: its rows in the pool
-
-
-@dataclass(eq=False)
-class AdapterHandle:
-    """One device-resident adapter version."""
-
-    version: str
-    kind: str
-    prefix_pages: list[int] = field(default_factory=list)
-    prefix_len: int = 0
-    lora: LoRAAllocation | None = None
-    num_users: int = 0  # requests holding it
 
 
 class DeviceResidency:

@@ -15,28 +15,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from prefixserve.config import SchedulerConfig
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    """The contract between scheduler and model runner: a plain description of one step."""
-
-    requests: list[Request] = field(default_factory=list)  # batch order
-    num_new_tokens: list[int] = field(default_factory=list)  # tokens each request computes this step
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+from prefixserve.engine.scheduler_output import SchedulerOutput
 
 
 class Scheduler:

@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Iterator
 
-from prefixserve.adapters_store.format import Artifact
+from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.adapters_store.store import AdapterStore, StoreEvent
 from prefixserve.errors import InvalidRequestError, PrefixServeError, TaskNotFoundError

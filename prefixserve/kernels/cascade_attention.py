@@ -19,15 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from prefixserve.kernels.attention_checks import check_paged_inputs
+from prefixserve.kernels.attention_reference import prefill_attention_reference
 from prefixserve.kernels.decode_attention import (
     _attend_segment,
     _finish_rows,
-    check_paged_inputs,
     decode_attention,
     dot_precision,
 )
 from prefixserve.kernels.merge_attn_states import merge_attn_states
-from prefixserve.kernels.prefill_attention import prefill_attention, prefill_attention_reference, tile_rows
+from prefixserve.kernels.prefill_attention import prefill_attention, tile_rows
 
 MIN_PREFIX_LEN = 128  # a shorter prefix is cheaper to re-read than two more launches and a merge
 MIN_SEQS_PER_TASK = 4  # below this the shared tile is mostly padding again

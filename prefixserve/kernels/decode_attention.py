@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prefixserve.kernels.paged_attention import check_attention_geometry
+from prefixserve.kernels.attention_checks import check_paged_inputs
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 64  # bounds the reduce kernel's tile
@@ -150,28 +150,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_paged_inputs(q, k_cache, v_cache, seq_lens, page_table, prefix_lens, prefix_page_table, num_seqs) -> None:
-    """Shape, dtype and layout checks shared by the Triton attention launchers."""
-    check_attention_geometry(q, k_cache, v_cache)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
-            or v_cache.dtype != q.dtype:
-        raise ValueError(f"expected q, k_cache, v_cache of one dtype among fp16/bf16/fp32, found "
-                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    head_dim = q.shape[2]
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"expected head_dim a power of two >= 16, found {head_dim}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError(f"expected unit-stride head_dim and k/v caches of one layout, found q strides "
-                         f"{q.stride()}, k {k_cache.stride()}, v {v_cache.stride()}")
-    for name, t, dims in (("seq_lens", seq_lens, 1), ("prefix_lens", prefix_lens, 1),
-                          ("page_table", page_table, 2), ("prefix_page_table", prefix_page_table, 2)):
-        if t.dim() != dims or t.shape[0] != num_seqs or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"expected {name} int32/int64 with {dims} dims and {num_seqs} rows, "
-                             f"found {t.dtype} {tuple(t.shape)}")
-        if t.device != q.device or (dims == 2 and t.stride(-1) != 1):
-            raise ValueError(f"expected {name} on {q.device} with unit last stride, found {t.device} {t.stride()}")
-
-
 def _num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice, never splits shorter than MIN_TOKENS_PER_SPLIT."""
     if device.type != "cuda":
@@ -237,16 +215,3 @@ def decode_attention(
             STORE_LSE=return_lse,
             num_warps=4)
     return (out, lse) if return_lse else out
-
-
-def decode_attention_reference(
-    q, k_cache, v_cache, seq_lens, page_table, prefix_lens, prefix_page_table, scale, *,
-    max_kv_len=None, num_splits=None, return_lse=False, out_dtype=None,
-):
-    """Torch reference with the launcher's signature: decode is prefill with one query per sequence.
-    max_kv_len and num_splits only steer the kernel's parallelism and are ignored here."""
-    from prefixserve.kernels.prefill_attention import prefill_attention_reference
-
-    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    return prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens,
-                                       prefix_page_table, scale, return_lse=return_lse, out_dtype=out_dtype)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.kernels.attention_checks import check_attention_geometry
+
 
 @dataclass
 class PagedAttentionMetadata:
@@ -145,18 +147,6 @@ def _attend(q, k_cache, v_cache, plan: ReferencePlan, scale: float) -> torch.Ten
     for start, n, rows, visible in plan.extends:
         out[start:start + n] = _extend_one(q[start:start + n], k_rows, v_rows, rows, visible, num_kv_heads, scale)
     return out
-
-
-def check_attention_geometry(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """q [T, H, D] against k/v caches [pages, page_size, Hkv, D]: shared by the reference and the launchers."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [T, H, D] and k/v caches [pages, page_size, Hkv, D] of one shape, "
-                         f"found q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"expected head_dim {head_dim} and num_heads divisible by num_kv_heads, "
-                         f"found cache head_dim {k_cache.shape[3]}, {num_heads} heads / {num_kv_heads} kv heads")
 
 
 def _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table) -> None:

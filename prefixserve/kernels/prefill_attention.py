@@ -12,14 +12,14 @@ needed) and each program finds its sequence by binary search over cu_seqlens_q.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from prefixserve.kernels.decode_attention import _attend_segment, _finish_rows, check_paged_inputs, dot_precision
+from prefixserve.kernels.attention_checks import check_paged_inputs
+from prefixserve.kernels.decode_attention import _attend_segment, _finish_rows, dot_precision
 
 
 @triton.jit
@@ -135,34 +135,4 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), STORE_LSE=return_lse, num_warps=8)
-    return (out, lse) if return_lse else out
-
-
-def prefill_attention_reference(
-    q, k_cache, v_cache, cu_seqlens_q, seq_lens, page_table, prefix_lens, prefix_page_table, scale, *,
-    return_lse=False, out_dtype=None,
-):
-    """fp32 torch reference with the launcher's signature, one sequence at a time."""
-    num_tokens, num_heads, head_dim = q.shape
-    page_size, num_kv_heads = k_cache.shape[1:3]
-    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
-    lse = torch.empty(num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens_q.tolist()
-    for s, (start, end) in enumerate(itertools.pairwise(bounds)):
-        if end == start:
-            continue
-        seq_len, prefix_len = int(seq_lens[s]), int(prefix_lens[s])
-        own = page_table[s, : -(-seq_len // page_size)].long()
-        pre = prefix_page_table[s, : -(-prefix_len // page_size)].long()
-        k = torch.cat([k_cache[pre].flatten(0, 1)[:prefix_len], k_cache[own].flatten(0, 1)[:seq_len]])  # [L, Hkv, D]
-        v = torch.cat([v_cache[pre].flatten(0, 1)[:prefix_len], v_cache[own].flatten(0, 1)[:seq_len]])
-        query_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]  # [n_q, 1]
-        key_pos = torch.arange(-prefix_len, seq_len, device=q.device)[None, :]  # prefix keys sit before 0
-        qg = q[start:end].float().view(end - start, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
-        scores = torch.matmul(qg, k.float().permute(1, 2, 0)[:, None]) * scale  # [Hkv, G, n_q, L]
-        scores.masked_fill_(key_pos > query_pos, float("-inf"))
-        seq_lse = torch.logsumexp(scores, -1)  # [Hkv, G, n_q]
-        o = torch.matmul(torch.softmax(scores, -1), v.float().transpose(0, 1)[:, None])  # [Hkv, G, n_q, D]
-        out[start:end] = o.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim).to(out.dtype)
-        lse[start:end] = seq_lse.permute(2, 0, 1).reshape(end - start, num_heads)
     return (out, lse) if return_lse else out

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prefixserve.engine.async_engine import AsyncEngine
 from prefixserve.engine.request import RequestOutput, SamplingParams
 from prefixserve.engine.task_pointers import BASE_TASK
+from prefixserve.engine.tenancy import tenant_task, tenant_tasks
 from prefixserve.errors import PrefixServeError
 from prefixserve.server.admin_routes import admin_router
 from prefixserve.server.auth import Authenticator, Caller, metrics_reader
@@ -35,7 +36,6 @@ from prefixserve.server.protocol import (
 from prefixserve.server.quotas import QuotaManager
 from prefixserve.server.sampling import sampling_params
 from prefixserve.server.tasks_routes import UploadSlots, tasks_router
-from prefixserve.server.tenancy import tenant_task, tenant_tasks
 from prefixserve.server.training_routes import training_router
 from prefixserve.training.queue import JobQueue
 

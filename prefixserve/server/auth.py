@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from prefixserve.engine.tenancy import DEFAULT_TENANT
 from prefixserve.errors import ForbiddenError, UnauthorizedError
-from prefixserve.server.tenancy import DEFAULT_TENANT
 from prefixserve.server.tenants import TenantLimits, TenantRegistry, key_digest
 
 MAX_KEY_CHARS = 512

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from prefixserve.adapters_store.peft_import import import_peft
 from prefixserve.adapters_store.store import blob_version
 from prefixserve.engine.async_engine import AsyncEngine
+from prefixserve.engine.tenancy import tenant_task, tenant_tasks
 from prefixserve.errors import EngineOverloadedError, PayloadTooLargeError, TaskNotFoundError
 from prefixserve.server import auth
 from prefixserve.server.auth import Caller
@@ -30,7 +31,6 @@ from prefixserve.server.protocol import (
     error_responses,
 )
 from prefixserve.server.quotas import check_store_quota
-from prefixserve.server.tenancy import tenant_task, tenant_tasks
 
 _CHUNK = 1 << 20
 # Uploads being read, decoded and stored at once on one replica: each holds its bytes (up to

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from prefixserve.adapters_store.store import AdapterStore
+from prefixserve.engine.tenancy import tenant_task
 from prefixserve.errors import (
     InvalidRequestError,
     NotAvailableError,
@@ -24,10 +25,9 @@ from prefixserve.server import auth
 from prefixserve.server.auth import Caller
 from prefixserve.server.protocol import error_responses
 from prefixserve.server.quotas import check_job_task_quota
-from prefixserve.server.tenancy import tenant_task
 from prefixserve.server.training_protocol import TrainingJob, TrainingJobList, TrainingJobRequest
 from prefixserve.training.queue import MAX_LIST_LIMIT, JobQueue, JobRecord, not_found
-from prefixserve.training.spec import parse_job_spec
+from prefixserve.training.spec import check_suite_tasks, parse_job_spec
 
 MAX_JOB_BODY_BYTES = 32 << 20  # a few thousand examples; bigger data sets belong in a suite or a file
 # Queued or running jobs per tenant: a job takes minutes of a worker, so more than this is one tenant
@@ -56,7 +56,7 @@ def training_router(queue: JobQueue | None, backbone_name: str, store: AdapterSt
         """Queue a training job. A worker (`prefixserve worker`) trains it and publishes the task; poll
         GET /v1/training/jobs/{id} for progress."""
         spec = parse_job_spec(namespaced(body.submitted(), caller.tenant, backbone_name))
-        _check_suite_tasks(spec)
+        check_suite_tasks(spec)
         async with submitting:
             await asyncio.to_thread(_check_tenant_limits, jobs(), store, caller, spec.task)
             record = await asyncio.to_thread(jobs().submit, spec, caller.tenant)
@@ -120,22 +120,6 @@ def _check_tenant_limits(queue: JobQueue, store: AdapterStore, caller: Caller, e
                                f"the limit is {MAX_UNFINISHED_JOBS_PER_TENANT}: wait for one to finish",
                                retry_after_s=_UNFINISHED_RETRY_AFTER_S)
     check_job_task_quota(caller, store, engine_task, {r.task for r in unfinished})
-
-
-def _check_suite_tasks(spec) -> None:
-    """Refuse an unknown built-in task now rather than in the worker. The suite needs the training
-    extra; a server without it leaves the check to the worker."""
-    names = [spec.suite_task] + [s["suite_task"] for s in spec.sources if "suite_task" in s]
-    names = [n for n in names if n is not None]
-    if not names:
-        return
-    try:
-        from prefixserve.training.tasks import TASK_NAMES
-    except ImportError:
-        return
-    unknown = [n for n in names if n not in TASK_NAMES]
-    if unknown:
-        raise TrainingDataError(f"expected suite tasks among {list(TASK_NAMES)}, found {unknown}")
 
 
 class JobSpecRoute(APIRoute):

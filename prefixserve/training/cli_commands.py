@@ -192,8 +192,8 @@ def train_spec_dict(args: argparse.Namespace) -> dict:
 
 
 def engine_task(task: str) -> str:
-    """The default tenant's task as the engine names it (server/tenancy.py's rule)."""
-    from prefixserve.server.tenancy import DEFAULT_TENANT, tenant_task
+    """The default tenant's task as the engine names it (engine/tenancy.py's rule)."""
+    from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 
     name = tenant_task(DEFAULT_TENANT, task, backbone_name="")
     if name is None:

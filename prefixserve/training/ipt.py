@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prefixserve.adapters_store.format import Artifact, decode_artifact, encode_artifact
+from prefixserve.adapters_store.artifact import Artifact
+from prefixserve.adapters_store.format import decode_artifact, encode_artifact
 from prefixserve.adapters_store.kinds import SubspaceKind
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
 from prefixserve.training.adapter_guard import require_params_reach_loss

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from prefixserve.adapters_store.format import Artifact, decode_artifact
+from prefixserve.adapters_store.artifact import Artifact
+from prefixserve.adapters_store.format import decode_artifact
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
 from prefixserve.training.backbone import TrainingBackbone

@@ -153,6 +153,22 @@ def parse_job_spec(raw: object) -> JobSpec:
                    eval_fraction=float(eval_fraction), hyperparameters=hp, seed=seed, sources=sources)
 
 
+def check_suite_tasks(spec: JobSpec) -> None:
+    """Refuse an unknown built-in task now rather than in the worker. The suite needs the training
+    extra; a server without it leaves the check to the worker."""
+    names = [spec.suite_task] + [s["suite_task"] for s in spec.sources if "suite_task" in s]
+    names = [n for n in names if n is not None]
+    if not names:
+        return
+    try:
+        from prefixserve.training.tasks import TASK_NAMES
+    except ImportError:
+        return
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise TrainingDataError(f"expected suite tasks among {list(TASK_NAMES)}, found {unknown}")
+
+
 def _sources(raw: object) -> tuple[dict, ...]:
     if not isinstance(raw, list | tuple) or len(raw) > MAX_SOURCES:
         raise TrainingDataError(f"expected 'sources' to be a list of at most {MAX_SOURCES} objects, found "

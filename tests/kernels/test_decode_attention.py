@@ -4,7 +4,8 @@ import pytest
 import torch
 from attention_cases import assert_close, make_batch, naive_attention
 
-from prefixserve.kernels.decode_attention import decode_attention, decode_attention_reference
+from prefixserve.kernels.attention_reference import decode_attention_reference
+from prefixserve.kernels.decode_attention import decode_attention
 
 bf16_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                      reason="bf16 needs a CUDA GPU; the Triton interpreter rounds bf16 wrongly")

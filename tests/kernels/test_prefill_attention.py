@@ -8,8 +8,9 @@ import pytest
 import torch
 from attention_cases import assert_close, make_batch, naive_attention
 
+from prefixserve.kernels.attention_reference import prefill_attention_reference
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_reference
-from prefixserve.kernels.prefill_attention import prefill_attention, prefill_attention_reference
+from prefixserve.kernels.prefill_attention import prefill_attention
 
 bf16_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                      reason="bf16 needs a CUDA GPU; the Triton interpreter rounds bf16 wrongly")

@@ -11,7 +11,7 @@ import torch
 from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
-    from prefixserve.adapters_store.format import Artifact
+    from prefixserve.adapters_store.artifact import Artifact
     from prefixserve.config import AdapterLimits
     from prefixserve.models.llama import LlamaArch
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from prefixserve.adapters_store.finite import check_finite_in_dtype
 from prefixserve.adapters_store.kinds.base import (
     SHA256_HEX,
     AdapterKind,
@@ -18,7 +19,7 @@ from prefixserve.adapters_store.kinds.subspace import SubspaceKind
 from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
-    from prefixserve.adapters_store.format import Artifact
+    from prefixserve.adapters_store.artifact import Artifact
 
 
 class IntrinsicKind(AdapterKind):
@@ -47,8 +48,6 @@ class IntrinsicKind(AdapterKind):
     @classmethod
     def soft_prompt(cls, artifact: Artifact, device: DeviceTarget) -> torch.Tensor:
         """The soft prompt [P, hidden] its subspace decodes z into, finite in the engine's dtype."""
-        from prefixserve.adapters_store.format import check_finite_in_dtype  # format imports this registry
-
         subspace = device.required(artifact.config["subspace_version"])
         z = artifact.tensors["z"]
         expected = subspace.config["intrinsic_dim"]

@@ -12,7 +12,7 @@ from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Sha
 from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
-    from prefixserve.adapters_store.format import Artifact
+    from prefixserve.adapters_store.artifact import Artifact
     from prefixserve.models.llama import LlamaArch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -14,7 +14,7 @@ from prefixserve.adapters_store.kinds.base import (
 from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
-    from prefixserve.adapters_store.format import Artifact
+    from prefixserve.adapters_store.artifact import Artifact
 
 
 class PrefixKind(VirtualTokensKind):

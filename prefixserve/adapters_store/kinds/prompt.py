@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from prefixserve.adapters_store.kinds.base import DeviceTarget, VirtualTokensKind, check_tensors, check_virtual_tokens
 
 if TYPE_CHECKING:
-    from prefixserve.adapters_store.format import Artifact
+    from prefixserve.adapters_store.artifact import Artifact
 
 
 class PromptKind(VirtualTokensKind):

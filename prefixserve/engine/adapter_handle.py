@@ -1,0 +1,20 @@
+"""A device-resident adapter version as requests hold it: plain data, so a request names its handle
+without importing the residency that compiles it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefixserve.engine.lora_pool import LoRAAllocation
+
+
+@dataclass(eq=False)
+class AdapterHandle:
+    """One device-resident adapter version."""
+
+    version: str
+    kind: str
+    prefix_pages: list[int] = field(default_factory=list)
+    prefix_len: int = 0
+    lora: LoRAAllocation | None = None
+    num_users: int = 0  # requests holding it
