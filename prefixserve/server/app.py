@@ -110,7 +110,7 @@ def create_app(engine: AsyncEngine, request_timeout_s: float = 600.0, auth: Auth
                                  top_logprobs=body.top_logprobs)
         prompt, prompt_ids = body.prompt, None
         if body.messages is not None:
-            prompt, prompt_ids = None, chat_prompt_ids(backbone.tokenizer, body.messages)
+            prompt, prompt_ids = None, await asyncio.to_thread(chat_prompt_ids, backbone.tokenizer, body.messages)
         request_id = uuid.uuid4().hex
         outputs = serve(caller, task, prompt, params, prompt_ids, request_id)
         if body.stream:
