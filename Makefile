@@ -18,7 +18,7 @@ LATEST_VENV := .venv-latest
 # What `make test-latest` runs on the newest allowed versions: the PEFT parity references and training.
 LATEST_TESTS ?= tests/engine/test_adapter_parity.py tests/server/test_tasks_api.py tests/training tests/e2e
 
-.PHONY: install serve test bench lock test-latest clean
+.PHONY: install serve test bench gpu-check lock test-latest clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/engine_throughput.py
+
+# On a CUDA machine: its own venv with a CUDA torch, the CUDA tests and the GPU benchmarks, one JSON
+# (scripts/gpu_check.sh says where the CUDA torch comes from). Not part of CI, which has no GPU.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # Re-resolve requirements.lock from pyproject.toml and requirements.in. Pins already in the lock are
 # kept unless asked: `make lock LOCK_FLAGS="--upgrade-package transformers"`, or `LOCK_FLAGS=--upgrade`.
