@@ -115,7 +115,8 @@ def bench_prefix_overhead(s, device, timer) -> list[dict]:
 
 
 def bench_cascade(s, device, timer) -> list[dict]:
-    from prefixserve.kernels.cascade_attention import cascade_attention, should_use_cascade
+    from prefixserve.kernels.cascade_attention import cascade_attention
+    from prefixserve.kernels.cascade_plan import should_use_cascade
 
     rows = []
     for b, p, own in s["cascade"]:

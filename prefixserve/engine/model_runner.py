@@ -11,6 +11,7 @@ import torch
 from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
 from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler_output import SchedulerOutput
+from prefixserve.kernels.cascade_plan import plan_cascade
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
@@ -196,6 +197,8 @@ class ModelRunner:
             max_query_len=max(step.num_new_tokens), max_seq_len=int(seq_lens.max()),
             max_prefix_len=int(prefix_lens.max()),
         )
+        if device.type == "cuda" and meta.max_prefix_len:  # the torch reference has no cascade schedule
+            meta.cascade = plan_cascade(cu_seqlens, seq_lens, page_table, prefix_lens, prefix_page_table, device)
         lora = None
         if lora_segments:  # plain and prompt-style batches skip every LoRA op
             lora_meta = lora_batch_metadata(np.concatenate(lora_chunks), [a.rows for a in lora_segments],

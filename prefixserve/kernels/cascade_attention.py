@@ -7,13 +7,13 @@ sequences and streams the prefix once, with every row of the tile in use. The ow
 attended per sequence with no prefix, and the two partial states are merged by their
 log-sum-exps. Both partials are kept in fp32, so the merge adds no rounding.
 
-`should_use_cascade` says when the saved prefix traffic pays for the extra work; see its docstring.
+`cascade_plan.should_use_cascade` says when the saved prefix traffic pays for the extra work, and
+`cascade_plan.plan_cascade` sorts a step's batch by task for `cascade_paged_attention`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -21,6 +21,7 @@ import triton.language as tl
 
 from prefixserve.kernels.attention_checks import check_paged_inputs
 from prefixserve.kernels.attention_reference import prefill_attention_reference
+from prefixserve.kernels.cascade_plan import CascadePlan
 from prefixserve.kernels.decode_attention import (
     _attend_segment,
     _finish_rows,
@@ -29,10 +30,6 @@ from prefixserve.kernels.decode_attention import (
 )
 from prefixserve.kernels.merge_attn_states import merge_attn_states
 from prefixserve.kernels.prefill_attention import prefill_attention, tile_rows
-
-MIN_PREFIX_LEN = 128  # a shorter prefix is cheaper to re-read than two more launches and a merge
-MIN_SEQS_PER_TASK = 4  # below this the shared tile is mostly padding again
-MIN_SAVED_TOKENS = 4096  # prefix KV tokens (per KV head) the per-sequence path would re-read
 
 
 @triton.jit
@@ -67,21 +64,6 @@ def _cascade_attention_kernel(
         PAGE_SIZE, HEAD_DIM, BLOCK_N, False, PRECISION)
     out_ptrs = out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     _finish_rows(acc, m_i, l_i, out_ptrs, lse_ptr + tok * stride_lt + heads * stride_lh, row_mask, True)
-
-
-def should_use_cascade(seqs_per_task: Sequence[int], task_prefix_lens: Sequence[int]) -> bool:
-    """Host-side choice between cascade and the per-sequence mixed-prefix kernels for one step.
-
-    Cascade saves re-reading each task's prefix once per extra sequence, (n - 1) * prefix_len
-    tokens per task, and fills the decode tile with many sequences' queries. It costs two more
-    launches (prefix stage, merge: a few microseconds), an fp32 round trip of two partial outputs
-    per query token, and its prefix stage has no KV split. Concurrent readers of the same pages
-    partly hit in L2 anyway, so only a large duplicated volume is worth it: long prefixes shared
-    by many sequences. Thresholds are first estimates; benchmarks/kernels.py measures the trade.
-    """
-    saved = sum((n - 1) * p for n, p in zip(seqs_per_task, task_prefix_lens)
-                if n >= MIN_SEQS_PER_TASK and p >= MIN_PREFIX_LEN)
-    return saved >= MIN_SAVED_TOKENS
 
 
 def cascade_attention(
@@ -134,6 +116,17 @@ def cascade_attention(
             GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
             BLOCK_N=32, PRECISION=dot_precision(q.dtype), num_warps=8)
     return merge_attn_states(pre, pre_lse, own, own_lse, out_dtype=q.dtype)
+
+
+def cascade_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: CascadePlan,
+                            scale: float) -> torch.Tensor:
+    """Cascade over a batch in its own order: queries gathered into the plan's task order, attended,
+    and scattered back. q: [num_tokens, num_heads, head_dim] -> the same shape, batch order."""
+    out = cascade_attention(
+        q.index_select(0, plan.token_order), k_cache, v_cache, plan.cu_seqlens_q, plan.seq_lens, plan.page_table,
+        plan.cu_seqs_per_task, plan.task_prefix_lens, plan.task_prefix_page_table, scale,
+        max_tokens_per_task=plan.max_tokens_per_task, max_query_len=plan.max_query_len)
+    return torch.empty_like(q).index_copy_(0, plan.token_order, out)
 
 
 def cascade_attention_reference(

@@ -6,7 +6,7 @@ Every sequence attends, in one softmax, to two KV segments:
      visible causally.
 Decode (one query per sequence), chunked prefill and prefix-cache hits are the same call with
 different query lengths. The Triton kernels take exactly this signature; `paged_attention()`
-picks them on CUDA and this reference elsewhere.
+picks them on CUDA (cascade attention when the step's plan says so) and this reference elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from prefixserve.kernels.attention_checks import check_attention_geometry
+from prefixserve.kernels.cascade_plan import CascadePlan
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PagedAttentionMetadata:
     max_seq_len: int
     max_prefix_len: int
     reference_plan: ReferencePlan | None = None  # CPU path: gather indices and masks, same for every layer
+    cascade: CascadePlan | None = None  # CUDA path: set when should_use_cascade chose cascade for this step
 
 
 def paged_attention(
@@ -41,6 +43,10 @@ def paged_attention(
     CUDA tensors run the Triton kernels (imported here, so CPU-only installs need no triton);
     anything else runs the torch reference."""
     if q.is_cuda:
+        if meta.cascade is not None:  # long task prefixes shared by many sequences: each read once
+            from prefixserve.kernels.cascade_attention import cascade_paged_attention
+
+            return cascade_paged_attention(q, k_cache, v_cache, meta.cascade, scale)
         if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:  # every sequence decodes
             from prefixserve.kernels.decode_attention import decode_attention
 

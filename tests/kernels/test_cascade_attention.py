@@ -8,8 +8,9 @@ from attention_cases import DEVICE, assert_close, make_batch, naive_attention
 from prefixserve.kernels.cascade_attention import (
     cascade_attention,
     cascade_attention_reference,
-    should_use_cascade,
+    cascade_paged_attention,
 )
+from prefixserve.kernels.cascade_plan import plan_cascade, should_use_cascade
 from prefixserve.kernels.merge_attn_states import merge_attn_states, merge_attn_states_reference
 
 bf16_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -93,3 +94,47 @@ def test_should_use_cascade_wants_long_prefixes_shared_by_many_sequences():
     assert not should_use_cascade([64], [16])  # short prefix: re-reading it is cheap
     assert not should_use_cascade([1] * 64, [2048] * 64)  # one sequence per task: nothing shared
     assert not should_use_cascade([], [])
+
+
+def _host(batch):
+    return [t.cpu().numpy() for t in (batch.cu_seqlens_q, batch.seq_lens, batch.page_table, batch.prefix_lens,
+                                      batch.prefix_page_table)]
+
+
+# Tasks interleaved as the scheduler leaves them; task 1 is plain (no prefix).
+INTERLEAVED = ([20, 0, 33], [(2, 9, 1), (0, 5, 1), (1, 7, 7), (2, 30, 4), (0, 17, 1), (1, 3, 1), (2, 12, 1),
+                             (0, 6, 6)])
+
+
+def test_plan_sorts_sequences_by_task_prefix_in_order_of_first_appearance(monkeypatch):
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_PREFIX_LEN", 1)
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_SEQS_PER_TASK", 2)
+    batch = make_batch(*INTERLEAVED, num_heads=4, num_kv_heads=2, head_dim=16)
+    plan = plan_cascade(*_host(batch), "cpu")
+    order = [0, 3, 6, 1, 4, 7, 2, 5]  # task 2's sequences, then task 0's, then the plain ones
+    assert plan.cu_seqs_per_task.tolist() == [0, 3, 6, 8]
+    assert plan.task_prefix_lens.tolist() == [33, 20, 0]
+    assert plan.seq_lens.tolist() == [batch.seq_lens[s].item() for s in order]
+    cu = batch.cu_seqlens_q.tolist()
+    assert plan.token_order.tolist() == [t for s in order for t in range(cu[s], cu[s + 1])]
+    assert plan.max_tokens_per_task == 8 and plan.max_query_len == 7  # task 0: 1 + 1 + 6 query rows
+
+
+def test_plan_is_none_unless_the_shared_prefix_traffic_pays():
+    few = make_batch([200], [(0, 3, 1)] * 3, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert plan_cascade(*_host(few), "cpu") is None  # 3 sequences on the prefix: below MIN_SEQS_PER_TASK
+    many = make_batch([1100, 0], [(0, 3, 1)] * 5 + [(1, 4, 1)], num_heads=4, num_kv_heads=2, head_dim=16)
+    assert plan_cascade(*_host(many), "cpu") is not None  # 4 re-reads of 1100 tokens saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cascade_in_batch_order_matches_mixed_prefix_attention(monkeypatch, dtype):
+    """What the engine dispatches on CUDA: a batch in the scheduler's order, regrouped by the plan."""
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_PREFIX_LEN", 1)
+    monkeypatch.setattr("prefixserve.kernels.cascade_plan.MIN_SEQS_PER_TASK", 2)
+    batch = make_batch(*INTERLEAVED, num_heads=6, num_kv_heads=2, head_dim=16, dtype=dtype, seed=3)
+    plan = plan_cascade(*_host(batch), DEVICE)
+    out = cascade_paged_attention(batch.q, batch.k_cache, batch.v_cache, plan, SCALE)
+    assert_close(out, naive_attention(batch, SCALE)[0], dtype)
