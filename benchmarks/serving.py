@@ -4,9 +4,10 @@ process) — against, in the same run:
 
 - transformers' `generate` on the same prompts in static batches of CONCURRENCY (what a user could
   script in ten lines; the prompts have one length, so the batches carry no padding), and
-- the machine's matmul floor for the same token counts: every weight matmul of the backbone (LM head
-  included) for the prefill tokens at the server's chunk size, plus the decode tokens at batch
-  CONCURRENCY — no attention, no sampling, no Python. floor tok/s = output tokens / that time.
+- the machine's matmul floor for the same token counts: the layers' weight matmuls over the prefill
+  tokens at the server's chunk size (the LM head once per prompt), plus every weight matmul over the
+  decode tokens at batch CONCURRENCY — no attention, no sampling, no Python. floor tok/s = output
+  tokens / that time.
 
 Server, transformers and floor runs alternate --repeats times and each keeps its best, since a shared
 2-core VM drifts by tens of percent within minutes. tok_s: output tokens over the wall clock from the
@@ -61,14 +62,15 @@ def bench_hf_static(model, prompts: list[list[int]], osl: int, batch: int) -> di
 
 @torch.inference_mode()
 def bench_floor(backbone, num_requests: int, isl: int, osl: int, batch: int, chunk: int, iters: int = 5) -> dict:
-    """Weight matmuls alone for the workload's token counts: prefill rows in chunks of `chunk`, decode
-    rows `batch` at a time."""
+    """Weight matmuls alone for the workload's token counts: the layers' projections over the prefill
+    rows in chunks of `chunk` and the LM head once per prompt (only its last row is sampled), then
+    every matmul incl. the LM head over the decode rows, `batch` at a time."""
     model = backbone.model
-    weights = [w for layer in model.layers
-               for w in (layer.qkv_proj.weight, layer.o_proj.weight, layer.gate_up_proj.weight, layer.down_proj.weight)]
-    weights.append(model.lm_head.weight)
+    layer_weights = [w for layer in model.layers for w in (layer.qkv_proj.weight, layer.o_proj.weight,
+                                                           layer.gate_up_proj.weight, layer.down_proj.weight)]
+    lm_head = [model.lm_head.weight]
 
-    def step_seconds(rows: int) -> float:
+    def seconds(weights: list[torch.Tensor], rows: int) -> float:
         inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
         for w in weights:
             F.linear(inputs[w.shape[1]], w)
@@ -78,11 +80,11 @@ def bench_floor(backbone, num_requests: int, isl: int, osl: int, batch: int, chu
                 F.linear(inputs[w.shape[1]], w)
         return (time.perf_counter() - start) / iters
 
-    prefill_tokens = num_requests * isl
-    prefill_s = step_seconds(chunk) * prefill_tokens / chunk
-    decode_s = step_seconds(batch) * num_requests * osl / batch
-    seconds = prefill_s + decode_s
-    return {"tok_s": round(num_requests * osl / seconds, 1), "prefill_s": round(prefill_s, 2),
+    prefill_s = (seconds(layer_weights, chunk) * num_requests * isl / chunk
+                 + seconds(lm_head, batch) * num_requests / batch)
+    decode_s = seconds(layer_weights + lm_head, batch) * num_requests * osl / batch
+    total = prefill_s + decode_s
+    return {"tok_s": round(num_requests * osl / total, 1), "prefill_s": round(prefill_s, 2),
             "decode_s": round(decode_s, 2), "decode_only_tok_s": round(num_requests * osl / decode_s, 1)}
 
 

@@ -43,6 +43,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    parser.add_argument("--max-prefill-tokens-with-decodes", type=int,
+                        default=SchedulerConfig.max_prefill_tokens_with_decodes,
+                        help="prompt tokens per step while others decode (ITL vs TTFT under load); 0 = no cap")
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--redis-url", default=env("REDIS_URL", None, "Redis for tasks, tenants and jobs "
@@ -76,6 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           max_model_len=args.max_model_len, cache_dir=args.cache_dir),
         cache=CacheConfig(page_size=args.page_size, num_pages=args.num_pages),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes or None,
                                   max_waiting=args.max_waiting),
         num_threads=args.threads,
         adapters=AdapterLimits(max_lora_rank=args.max_lora_rank),

@@ -1,9 +1,10 @@
 """Continuous batching: which requests run this step and how many tokens each computes.
 
 Each step spends a token budget: running requests first (decode, or the next chunk of a long
-prefill), then waiting requests. When the KV pool is exhausted the most recently admitted running
-request is preempted: its pages are freed and it is recomputed later (its sampled tokens are kept,
-so the result is unchanged).
+prefill), then waiting requests. While some request decodes, prompt tokens in the step are capped
+(`max_prefill_tokens_with_decodes`) so one new prompt does not stall every stream's next token.
+When the KV pool is exhausted the most recently admitted running request is preempted: its pages
+are freed and it is recomputed later (its sampled tokens are kept, so the result is unchanged).
 
 Tenants share the engine by weight (virtual token counters, as in VTC fair scheduling): every
 token a request computes adds 1/weight to its tenant's counter, and a free slot goes to the
@@ -59,18 +60,27 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        cap = self.config.max_prefill_tokens_with_decodes
+        decoding = cap is not None and any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        prefill_budget = min(budget, cap) if decoding else budget
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
+            if n == 0:  # a prompt chunk that waits for a step with prefill budget left
+                i += 1
+                continue
             if not self._reserve_or_preempt(request, n, out):
                 break  # the request preempted itself: nothing later in `running` remains
             self._charge(request, n, out)
             budget -= n
+            if remaining > 1:
+                prefill_budget -= n
             i += 1
         # Admitting new work in a step that had to preempt would only thrash the pool.
         if not out.preempted:
-            self._admit(budget, out)
+            self._admit(min(budget, prefill_budget), out)
         return out
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:

@@ -122,3 +122,45 @@ def test_tenant_counters_are_dropped_when_a_tenant_has_nothing_left():
     complete(sched.schedule())
     sched.finish(r, RequestStatus.FINISHED_LENGTH)
     assert sched.virtual_tokens == {} and sched._num_unfinished == {}
+
+
+def _scheduled(step):
+    return [(r.request_id, n) for r, n in zip(step.requests, step.num_new_tokens)]
+
+
+def test_prompt_tokens_are_capped_while_others_decode_and_get_the_whole_budget_when_none_do():
+    pages = KVPageManager(64, page_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_prefill_tokens_with_decodes=8),
+                      pages)
+    first = request(20, "first")
+    sched.add(first)
+    step = sched.schedule()  # nothing decodes: the prompt may take the whole budget
+    assert _scheduled(step) == [("first", 20)]
+    complete(step)
+    long, short = request(30, "long"), request(5, "short")
+    sched.add(long)
+    sched.add(short)
+    step = sched.schedule()  # first decodes: 8 prompt tokens in all, the rest of the budget unused
+    assert _scheduled(step) == [("first", 1), ("long", 8)]
+    complete(step)
+    step = sched.schedule()  # long's next chunk takes the prompt share; short waits for one with room
+    assert _scheduled(step) == [("first", 1), ("long", 8)]
+    complete(step)
+    steps = 0
+    while long.num_computed_tokens < len(long.prompt_token_ids):  # never starved: the prompt share each step
+        step = sched.schedule()
+        assert ("first", 1) in _scheduled(step) and sum(n for _, n in _scheduled(step)) == 1 + 8
+        complete(step)
+        steps += 1
+    assert steps == 2 and _scheduled(step)[1:] == [("long", 6), ("short", 2)]  # 30 = 8 + 8 + 8 + 6
+
+
+def test_no_prefill_cap_keeps_the_plain_budget():
+    pages = KVPageManager(64, page_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
+                                      max_prefill_tokens_with_decodes=None), pages)
+    first = request(4, "first")
+    sched.add(first)
+    complete(sched.schedule())
+    sched.add(request(40, "long"))
+    assert _scheduled(sched.schedule()) == [("first", 1), ("long", 31)]
