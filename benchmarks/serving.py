@@ -9,7 +9,8 @@ process) — against, in the same run:
   decode tokens at batch CONCURRENCY — no attention, no sampling, no Python. floor tok/s = output
   tokens / that time.
 
-Server, transformers and floor runs alternate --repeats times and each keeps its best, since a shared
+With --prefill-caps, one server per --max-prefill-tokens-with-decodes value (the ITL/TTFT trade).
+Servers, transformers and floor runs alternate --repeats times and each keeps its best, since a shared
 2-core VM drifts by tens of percent within minutes. tok_s: output tokens over the wall clock from the
 first send to the last token; TTFT: send to first token; ITL: gaps between a stream's tokens.
 With --profile, the same workload also runs in-process through LLMEngine under cProfile and the
@@ -110,6 +111,13 @@ def profile_engine(prompts: list[list[int]], osl: int, concurrency: int, top: in
     return [header, *lines[first:first + top + 1]]
 
 
+def server_row(name: str, run: dict, floor: dict, hf: dict | None) -> str:
+    vs_hf = f"{run['tok_s'] / hf['tok_s']:.2f}" if hf else "-"
+    return (f"| {name} | {run['tok_s']} | {run['tok_s'] / floor['tok_s']:.2f} | {vs_hf} | {run['ttft_p50_s']} / "
+            f"{run['ttft_p99_s']} s | {run['itl_p50_ms']} / {run['itl_p99_ms']} ms "
+            f"({run['itl_p99_ms'] / run['itl_p50_ms']:.1f}x) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=96)
@@ -117,6 +125,8 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight; transformers' batch size")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prefill-caps", default=str(SchedulerConfig.max_prefill_tokens_with_decodes),
+                        help="comma list of --max-prefill-tokens-with-decodes values, one server each (0 = no cap)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true", help="also profile the engine in-process (cProfile)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
@@ -126,25 +136,31 @@ def main() -> None:
 
     from prefixserve.models.loader import load_backbone
 
-    chunk = SchedulerConfig().max_num_batched_tokens  # the server's default prefill budget per step
+    caps = [int(c) for c in args.prefill_caps.split(",")]
+    chunk = SchedulerConfig().max_num_batched_tokens  # the floor prefills in the largest chunks a step allows
     backbone = load_backbone(ModelConfig())
     prompts = make_prompts(args.requests, args.isl, backbone.arch.vocab_size)
     hf = None
     if not args.no_hf:
         path = prepare_embedded_backbone(Path(ModelConfig.cache_dir).expanduser())
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    runs: dict[str, list[dict]] = {"server": [], "hf_static": [], "floor": []}
-    port = free_port()
+    names = [f"server_cap{c}" for c in caps]
+    runs: dict[str, list[dict]] = {**{name: [] for name in names}, "hf_static": [], "floor": []}
+    servers = {}
     with tempfile.TemporaryDirectory(prefix="serving-") as store_dir:
-        server = start_server(port, store_dir, ["--max-num-seqs", str(args.concurrency), "--device", args.device])
-        base_url = f"http://127.0.0.1:{port}"
         try:
-            warm = prompts[:8]
-            asyncio.run(run_requests(base_url, [BASE_TASK] * len(warm), warm, 4, args.concurrency))
+            for name, cap in zip(names, caps):  # idle servers wait on their queues and take no CPU
+                port = free_port()
+                servers[name] = (start_server(port, f"{store_dir}/{name}", [
+                    "--max-num-seqs", str(args.concurrency), "--device", args.device,
+                    "--max-prefill-tokens-with-decodes", str(cap)]), f"http://127.0.0.1:{port}")
+                warm = prompts[:8]
+                asyncio.run(run_requests(servers[name][1], [BASE_TASK] * len(warm), warm, 4, args.concurrency))
             for _ in range(args.repeats):  # alternating, so drift hits every side alike
-                runs["server"].append(asyncio.run(run_requests(base_url, [BASE_TASK] * len(prompts), prompts,
+                for name in names:
+                    runs[name].append(asyncio.run(run_requests(servers[name][1], [BASE_TASK] * len(prompts), prompts,
                                                                args.osl, args.concurrency)))
-                print(f"server: {json.dumps(runs['server'][-1])}", file=sys.stderr)
+                    print(f"{name}: {json.dumps(runs[name][-1])}", file=sys.stderr)
                 if hf is not None:
                     runs["hf_static"].append(bench_hf_static(hf, prompts, args.osl, args.concurrency))
                     print(f"hf_static: {json.dumps(runs['hf_static'][-1])}", file=sys.stderr)
@@ -152,42 +168,40 @@ def main() -> None:
                                                  chunk))
                 print(f"floor: {json.dumps(runs['floor'][-1])}", file=sys.stderr)
         finally:
-            server.terminate()
-            server.wait(30)
+            for server, _ in servers.values():
+                server.terminate()
+                server.wait(30)
     best = {name: max(r, key=lambda x: x["tok_s"]) for name, r in runs.items() if r}
-    ours, floor = best["server"], best["floor"]
+    floor, hf_best = best["floor"], best.get("hf_static")
     result = {
         "benchmark": "serving", "model": "SmolLM2-135M-Instruct fp32", "device": args.device, "machine": machine(),
         "requests": args.requests, "isl": args.isl, "osl": args.osl, "concurrency": args.concurrency,
-        "repeats": args.repeats, "prefill_chunk": chunk,
-        "server": ours, "floor": floor, "hf_static": best.get("hf_static"),
-        "fraction_of_floor": round(ours["tok_s"] / floor["tok_s"], 3),
-        "vs_hf_static": round(ours["tok_s"] / best["hf_static"]["tok_s"], 3) if "hf_static" in best else None,
-        "itl_p99_over_p50": round(ours["itl_p99_ms"] / ours["itl_p50_ms"], 2),
+        "repeats": args.repeats, "floor_prefill_chunk": chunk, "floor": floor, "hf_static": hf_best,
+        "servers": {name: {**best[name], "fraction_of_floor": round(best[name]["tok_s"] / floor["tok_s"], 3),
+                           "vs_hf_static": round(best[name]["tok_s"] / hf_best["tok_s"], 3) if hf_best else None,
+                           "itl_p99_over_p50": round(best[name]["itl_p99_ms"] / best[name]["itl_p50_ms"], 2)}
+                    for name in names},
         "all_tok_s": {name: [x["tok_s"] for x in r] for name, r in runs.items()},
     }
     profile = profile_engine(prompts, args.osl, args.concurrency) if args.profile else []
     if profile:
         print("\n".join(profile), file=sys.stderr)
     if not args.no_record:
-        hf_line = (f"| transformers generate, static batches of {args.concurrency} | {best['hf_static']['tok_s']} | "
-                   f"{result['vs_hf_static']:.2f}x slower than ours |" if "hf_static" in best else "")
         append_results("serving", [
             f"{args.requests} streaming /v1/completions (ISL {args.isl} random ids, OSL {args.osl}, ignore_eos), "
             f"{args.concurrency} in flight, plain backbone, SmolLM2 fp32 on {args.device}; best of {args.repeats} "
-            f"alternating runs (all: {result['all_tok_s']}).",
+            f"alternating runs (all: {result['all_tok_s']}). capN: --max-prefill-tokens-with-decodes N (0 = no cap).",
             "",
-            "| | output tok/s | |",
-            "|---|---|---|",
-            f"| prefixserve over HTTP | {ours['tok_s']} | {result['fraction_of_floor']:.2f} of the floor |",
-            *([hf_line] if hf_line else []),
-            f"| matmul floor (prefill chunks of {chunk}, decode batch {args.concurrency}) | "
-            f"{floor['tok_s']} | |",
-            "",
-            f"TTFT p50 {ours['ttft_p50_s']} s, p99 {ours['ttft_p99_s']} s; ITL p50 {ours['itl_p50_ms']} ms, "
-            f"p99 {ours['itl_p99_ms']} ms ({result['itl_p99_over_p50']}x p50).",
-            *(["", "Top of the engine profile (cProfile, by own time):", "", "```", *profile, "```"]
-              if profile else []),
+            "| | output tok/s | of floor | vs transformers | TTFT p50 / p99 | ITL p50 / p99 |",
+            "|---|---|---|---|---|---|",
+            *(server_row(f"prefixserve over HTTP, {name.removeprefix('server_')}", best[name], floor, hf_best)
+              for name in names),
+            *([f"| transformers generate, static batches of {args.concurrency} | {hf_best['tok_s']} | "
+               f"{hf_best['tok_s'] / floor['tok_s']:.2f} | 1 | | |"] if hf_best else []),
+            f"| matmul floor (prefill chunks of {chunk}, decode batch {args.concurrency}) | {floor['tok_s']} | 1 | | "
+            f"| |",
+            *(["", "Top of the engine profile (in-process, default config, cProfile by own time):", "", "```",
+               *profile, "```"] if profile else []),
             "", "```json", json.dumps(result), "```"])
     print(json.dumps(result))
 
