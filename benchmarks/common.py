@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -41,6 +42,31 @@ def append_results(title: str, lines: list[str]) -> None:
     stamp = datetime.date.today().isoformat()
     with RESULTS.open("a") as f:
         f.write(f"\n## {title} — {stamp}\n\nMachine: {machine()}\n\n" + "\n".join(lines) + "\n")
+
+
+def layer_weights(model) -> list[torch.Tensor]:
+    """Every weight matrix of the backbone's layers (our fused Llama), the LM head excluded."""
+    return [w for layer in model.layers
+            for w in (layer.qkv_proj.weight, layer.o_proj.weight, layer.gate_up_proj.weight, layer.down_proj.weight)]
+
+
+@torch.inference_mode()
+def matmul_seconds(weights: list[torch.Tensor], rows: int, iters: int, warmup: int = 1) -> float:
+    """Seconds for one pass of `rows` random input rows through every weight (F.linear), nothing else:
+    the floor the benchmarks compare against."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    for _ in range(warmup):
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results
+from common import append_results, layer_weights, matmul_seconds
 
 from prefixserve.config import EngineConfig, ModelConfig
 from prefixserve.engine.llm_engine import LLMEngine
@@ -76,18 +75,7 @@ def bench_hf_padded(model, tokenizer, texts: list[str], new_tokens: int) -> dict
 def bench_floor(engine: LLMEngine, batch: int, iters: int = 20) -> dict:
     """Every weight matmul of one decode step (incl. the LM head) at this batch size, nothing else."""
     model = engine.backbone.model
-    weights = [w for layer in model.layers
-               for w in (layer.qkv_proj.weight, layer.o_proj.weight, layer.gate_up_proj.weight, layer.down_proj.weight)]
-    weights.append(model.lm_head.weight)
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
-    for _ in range(3):
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-    start = time.perf_counter()
-    for _ in range(iters):
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-    step = (time.perf_counter() - start) / iters
+    step = matmul_seconds([*layer_weights(model), model.lm_head.weight], batch, iters, warmup=3)
     return {"step_ms": step * 1e3, "tokens_per_s": batch / step}
 
 

@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, free_port, machine, start_server
+from common import append_results, free_port, layer_weights, machine, matmul_seconds, start_server
 from many_tasks import run_requests
 
 from prefixserve.config import EngineConfig, ModelConfig, SchedulerConfig
@@ -67,23 +66,10 @@ def bench_floor(backbone, num_requests: int, isl: int, osl: int, batch: int, chu
     rows in chunks of `chunk` and the LM head once per prompt (only its last row is sampled), then
     every matmul incl. the LM head over the decode rows, `batch` at a time."""
     model = backbone.model
-    layer_weights = [w for layer in model.layers for w in (layer.qkv_proj.weight, layer.o_proj.weight,
-                                                           layer.gate_up_proj.weight, layer.down_proj.weight)]
-    lm_head = [model.lm_head.weight]
-
-    def seconds(weights: list[torch.Tensor], rows: int) -> float:
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-        start = time.perf_counter()
-        for _ in range(iters):
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-        return (time.perf_counter() - start) / iters
-
-    prefill_s = (seconds(layer_weights, chunk) * num_requests * isl / chunk
-                 + seconds(lm_head, batch) * num_requests / batch)
-    decode_s = seconds(layer_weights + lm_head, batch) * num_requests * osl / batch
+    layers, lm_head = layer_weights(model), [model.lm_head.weight]
+    prefill_s = (matmul_seconds(layers, chunk, iters) * num_requests * isl / chunk
+                 + matmul_seconds(lm_head, batch, iters) * num_requests / batch)
+    decode_s = matmul_seconds(layers + lm_head, batch, iters) * num_requests * osl / batch
     total = prefill_s + decode_s
     return {"tok_s": round(num_requests * osl / total, 1), "prefill_s": round(prefill_s, 2),
             "decode_s": round(decode_s, 2), "decode_only_tok_s": round(num_requests * osl / decode_s, 1)}
@@ -125,7 +111,7 @@ def main() -> None:
     parser.add_argument("--osl", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight; transformers' batch size")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--prefill-caps", default=str(SchedulerConfig.max_prefill_tokens_with_decodes),
+    parser.add_argument("--prefill-caps", default="0,128",
                         help="comma list of --max-prefill-tokens-with-decodes values, one server each (0 = no cap)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", action="store_true", help="also profile the engine in-process (cProfile)")

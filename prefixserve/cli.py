@@ -45,7 +45,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-prefill-tokens-with-decodes", type=int,
                         default=SchedulerConfig.max_prefill_tokens_with_decodes,
-                        help="prompt tokens per step while others decode (ITL vs TTFT under load); 0 = no cap")
+                        help="prompt tokens per step while others decode (steadier ITL, fewer tokens/s); "
+                             "default and 0: no cap")
     parser.add_argument("--max-waiting", type=int, default=SchedulerConfig.max_waiting)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--redis-url", default=env("REDIS_URL", None, "Redis for tasks, tenants and jobs "

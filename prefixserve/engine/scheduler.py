@@ -1,8 +1,8 @@
 """Continuous batching: which requests run this step and how many tokens each computes.
 
 Each step spends a token budget: running requests first (decode, or the next chunk of a long
-prefill), then waiting requests. While some request decodes, prompt tokens in the step are capped
-(`max_prefill_tokens_with_decodes`) so one new prompt does not stall every stream's next token.
+prefill), then waiting requests. With `max_prefill_tokens_with_decodes` set, prompt tokens in a step
+where some request decodes are capped, so one new prompt does not stall every stream's next token.
 When the KV pool is exhausted the most recently admitted running request is preempted: its pages
 are freed and it is recomputed later (its sampled tokens are kept, so the result is unchanged).
 
