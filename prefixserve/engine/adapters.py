@@ -229,6 +229,27 @@ class AdapterManager:
         """Between steps: free versions that lost their task, compile finished loads, and return the
         waiting requests that are now pinned (error None) or can never be served (their error)."""
         self.free_stale()
+        self.device.begin_batch()  # the soft prompts compiled below share one forward
+        try:
+            ready = self._compile_finished()
+        finally:
+            failed = self.device.flush_batch()
+        if failed:
+            ready = [(r, self._unpin_failed(r, failed) if err is None and r.adapter.version in failed else err)
+                     for r, err in ready]
+            for version in failed:
+                if (handle := self.device.resident.get(version)) is not None and not handle.num_users:
+                    self.device.drop(handle)
+        self._draining = self._choose_draining()
+        return ready + self._release_held()
+
+    def _unpin_failed(self, request: Request, failed: dict[str, AdapterError]) -> AdapterError:
+        """A request pinned to a version whose batched prefill failed: let it go with that error."""
+        handle, request.adapter = request.adapter, None
+        self.device.unpin(handle)
+        return failed[handle.version]
+
+    def _compile_finished(self) -> list[tuple[Request, PrefixServeError | None]]:
         ready = []
         for version, future in self.loader.finished():
             requests = self._waiting.pop(version, [])
@@ -256,8 +277,7 @@ class AdapterManager:
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
                 continue
             ready += self._pin_all(requests, handle)
-        self._draining = self._choose_draining()
-        return ready + self._release_held()
+        return ready
 
     def _pin_all(self, requests: list[Request], handle: AdapterHandle) -> list[tuple[Request, PrefixServeError | None]]:
         ready = []

@@ -99,23 +99,34 @@ class ModelRunner:
             store_kv(keys[layer].to(self.device), values[layer].to(self.device),
                      self.kv_cache[layer, 0], self.kv_cache[layer, 1], slots)
 
-    @torch.inference_mode()
     def prefill_embeddings(self, embeddings: torch.Tensor, page_ids: list[int]) -> None:
         """Run the backbone over a soft prompt [P, hidden] at positions 0..P-1, writing its K/V into
         page_ids. Attention is causal, so this KV is what every request of the task would compute."""
-        num_tokens = embeddings.shape[0]
+        self.prefill_embeddings_batch([(embeddings, page_ids)])
+
+    @torch.inference_mode()
+    def prefill_embeddings_batch(self, prompts: list[tuple[torch.Tensor, list[int]]]) -> None:
+        """Several soft prompts ([P_i, hidden], their pages) in one forward, each its own sequence."""
         device = self.device
+        lens = [e.shape[0] for e, _ in prompts]
+        cu_seqlens = np.zeros(len(prompts) + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu_seqlens[1:])
+        max_pages = max(len(pages) for _, pages in prompts)
+        page_table = np.zeros((len(prompts), max_pages), dtype=np.int32)
+        for i, (_, pages) in enumerate(prompts):
+            page_table[i, :len(pages)] = pages
         meta = PagedAttentionMetadata(
-            slot_mapping=self._slots(page_ids, 0, num_tokens),
-            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-            page_table=torch.tensor([page_ids], dtype=torch.int32, device=device),
-            prefix_lens=torch.zeros(1, dtype=torch.int32, device=device),
-            prefix_page_table=torch.zeros(1, 0, dtype=torch.int32, device=device),
-            max_query_len=num_tokens, max_seq_len=num_tokens, max_prefix_len=0,
+            slot_mapping=torch.cat([self._slots(pages, 0, n) for (_, pages), n in zip(prompts, lens)]),
+            cu_seqlens_q=torch.from_numpy(cu_seqlens).to(device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            page_table=torch.from_numpy(page_table).to(device),
+            prefix_lens=torch.zeros(len(prompts), dtype=torch.int32, device=device),
+            prefix_page_table=torch.zeros(len(prompts), 0, dtype=torch.int32, device=device),
+            max_query_len=max(lens), max_seq_len=max(lens), max_prefix_len=0,
         )
-        positions = torch.arange(num_tokens, device=device)
-        self.backbone.model(embeddings.to(device=device, dtype=self.dtype), positions, meta, self.kv_cache)
+        positions = torch.cat([torch.arange(n, device=device) for n in lens])
+        embeddings = torch.cat([e for e, _ in prompts]).to(device=device, dtype=self.dtype)
+        self.backbone.model(embeddings, positions, meta, self.kv_cache)
 
     @torch.inference_mode()
     def prefix_is_finite(self, page_ids: list[int], num_tokens: int) -> bool:

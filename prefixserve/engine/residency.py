@@ -9,6 +9,7 @@ their requests, reference-counted: one reference for the resident copy, one per 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.errors import AdapterError, EngineOverloadedError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,12 +44,44 @@ class DeviceResidency:
         self._required = required
         self.resident: OrderedDict[str, AdapterHandle] = OrderedDict()  # version -> handle, least recent first
         self.evictions = 0  # idle versions dropped from the device to make room
+        # Between begin_batch and flush_batch: soft prompts whose prefill waits for one shared forward,
+        # version -> (embeddings [P, hidden], pages). None: soft prompts are prefilled at once.
+        self._pending: dict[str, tuple[torch.Tensor, list[int]]] | None = None
+        self._compiling: str | None = None
 
     def make_resident(self, version: str, artifact: Artifact) -> AdapterHandle:
-        placement = get_kind(artifact.kind).compile(artifact, self)
+        self._compiling = version
+        try:
+            placement = get_kind(artifact.kind).compile(artifact, self)
+        finally:
+            self._compiling = None
         handle = AdapterHandle(version, artifact.kind, placement.prefix_pages, placement.prefix_len, placement.lora)
         self.resident[version] = handle
         return handle
+
+    def begin_batch(self) -> None:
+        """Defer soft-prompt prefills until flush_batch: on CPU every forward streams all the weights,
+        so 128 new prompt-style tasks compiled one forward each cost as much as ~128 decode steps."""
+        self._pending = {}
+
+    def flush_batch(self) -> dict[str, AdapterError]:
+        """Prefill every deferred soft prompt in one forward; return the versions whose keys and values
+        came out non-finite (their pages are zeroed; the caller unpins and drops them)."""
+        pending, self._pending = self._pending or {}, None
+        if not pending:
+            return {}
+        try:
+            self.runner.prefill_embeddings_batch(list(pending.values()))
+        except Exception as exc:  # these versions' fault or not, none of them may serve unwritten pages
+            log.exception("prefilling %d soft prompts failed", len(pending))
+            error = AdapterError(f"the task's virtual tokens could not be prefilled ({type(exc).__name__}: {exc})")
+            failed = dict.fromkeys(pending, error)
+        else:
+            failed = {version: _non_finite_prefix(embeddings.shape[0]) for version, (embeddings, pages)
+                      in pending.items() if not self.runner.prefix_is_finite(pages, embeddings.shape[0])}
+        for version in failed:
+            self.runner.clear_pages(pending[version][1])
+        return failed
 
     def pin(self, handle: AdapterHandle) -> None:
         handle.num_users += 1
@@ -58,6 +93,8 @@ class DeviceResidency:
         self.pages.free(handle.prefix_pages)
 
     def drop(self, handle: AdapterHandle) -> None:
+        if self._pending is not None:
+            self._pending.pop(handle.version, None)  # evicted before its prefill ran: its pages go back
         del self.resident[handle.version]
         self.pages.free(handle.prefix_pages)
         if handle.lora is not None:
@@ -91,6 +128,10 @@ class DeviceResidency:
         return self._install_prefix(keys.shape[1], lambda pages: self.runner.write_prefix(keys, values, pages))
 
     def install_soft_prompt(self, embeddings: torch.Tensor) -> Placement:
+        if self._pending is not None and self._compiling is not None:
+            version = self._compiling
+            return self._install_prefix(embeddings.shape[0], lambda pages: self._pending.__setitem__(
+                version, (embeddings, pages)), check_finite=False)
         return self._install_prefix(embeddings.shape[0],
                                     lambda pages: self.runner.prefill_embeddings(embeddings, pages))
 
@@ -101,7 +142,8 @@ class DeviceResidency:
             self.evict_idle(lambda: pool.num_free_rows >= rank, lora_only=True)
         return Placement(lora=pool.load(weights, scaling))
 
-    def _install_prefix(self, num_tokens: int, write: Callable[[list[int]], None]) -> Placement:
+    def _install_prefix(self, num_tokens: int, write: Callable[[list[int]], None],
+                        check_finite: bool = True) -> Placement:
         if num_tokens >= self.max_model_len:
             raise AdapterError(f"the adapter has {num_tokens} virtual tokens; the context holds {self.max_model_len}")
         num_pages = self.pages.pages_for(num_tokens)
@@ -112,12 +154,16 @@ class DeviceResidency:
         pages = self.pages.allocate(num_pages)
         try:
             write(pages)
-            if not self.runner.prefix_is_finite(pages, num_tokens):
-                raise AdapterError(f"expected the task's {num_tokens} virtual tokens to give finite keys and values "
-                                   f"through the backbone, found NaN/Inf")
+            if check_finite and not self.runner.prefix_is_finite(pages, num_tokens):
+                raise _non_finite_prefix(num_tokens)
         except Exception:
             # Zeroed before reuse: attention multiplies masked slots by 0, and NaN * 0 is NaN.
             self.runner.clear_pages(pages)
             self.pages.free(pages)
             raise
         return Placement(pages, num_tokens)
+
+
+def _non_finite_prefix(num_tokens: int) -> AdapterError:
+    return AdapterError(f"expected the task's {num_tokens} virtual tokens to give finite keys and values "
+                        f"through the backbone, found NaN/Inf")

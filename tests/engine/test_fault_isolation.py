@@ -1,6 +1,8 @@
 """One tenant's task version can never stop the engine for the others: a version that fails while it is
 compiled or run ends only its own requests (and is quarantined); only a broken engine stops."""
 
+from concurrent import futures
+
 import pytest
 import torch
 from helpers import random_prompts
@@ -215,3 +217,43 @@ def test_no_max_new_tokens_runs_to_the_end_of_the_context_after_the_virtual_toke
     params = SamplingParams(max_new_tokens=None, temperature=0, ignore_eos=True)
     done = engine.generate([[5, 6, 7]], params, tasks=["faq"])[0]
     assert done.finish_reason == "length" and len(done.token_ids) == engine.max_model_len - 4 - 3
+
+
+def test_soft_prompts_loaded_together_share_one_prefill_and_a_failing_one_ends_only_its_requests(engine,
+                                                                                                 monkeypatch):
+    """Three prompt tasks found cold in one step are prefilled in one forward and serve what each
+    compiled alone serves; one whose prefill comes out NaN fails its own requests, nobody else's,
+    and leaks no page."""
+    names = ["p0", "p1", "p2"]
+    versions = {n: engine.store.put(n, prompt_artifact(engine, seed=10 + i), "prompt") for i, n in enumerate(names)}
+    prompts = random_prompts([6, 9, 5, 7], seed=4)
+    alone = LLMEngine(engine.backbone, engine.config)
+    for n in names:
+        alone.register_adapter(n, engine.store.get(versions[n]))  # compiled on its own, at upload
+    expected = reference_tokens(alone, ["p0", "p2", None], [prompts[0], prompts[2], prompts[3]])
+    alone.close()
+
+    runner, batches = engine.runner, []
+    prefill_batch = runner.prefill_embeddings_batch
+
+    def poisoning_p1(items):
+        batches.append(len(items))
+        prefill_batch(items)
+        p1_pages = engine.adapters.device.resident[versions["p1"]].prefix_pages
+        runner.kv_cache[:, :, p1_pages[0], 0] = float("nan")  # as if its virtual tokens overflowed
+
+    monkeypatch.setattr(runner, "prefill_embeddings_batch", poisoning_p1)
+    requests = [engine.add_request(prompt_token_ids=p, params=GREEDY, task=t)
+                for t, p in zip(["p0", "p1", "p2", None], prompts)]
+    futures.wait(list(engine.adapters.loader._loading.values()))  # all three loads finish before one poll
+    errors = {}
+    while engine.has_unfinished():
+        errors |= {o.request_id: o.error for o in engine.step() if o.error is not None}
+    errors = [errors.get(r.request_id) for r in requests]
+
+    assert batches == [3]
+    assert [requests[i].output_token_ids for i in (0, 2, 3)] == expected
+    assert isinstance(errors[1], AdapterError) and "finite keys and values" in errors[1].message
+    assert versions["p1"] not in engine.adapters.resident
+    held_by_prefixes = sum(len(h.prefix_pages) for h in engine.adapters.resident.values())
+    assert engine.pages.num_free_pages + held_by_prefixes == engine.pages.num_pages
