@@ -129,9 +129,12 @@ class DeviceResidency:
 
     def install_soft_prompt(self, embeddings: torch.Tensor) -> Placement:
         if self._pending is not None and self._compiling is not None:
-            version = self._compiling
-            return self._install_prefix(embeddings.shape[0], lambda pages: self._pending.__setitem__(
-                version, (embeddings, pages)), check_finite=False)
+            pending, version = self._pending, self._compiling
+
+            def defer(pages: list[int]) -> None:  # prefilled, and checked for finiteness, by flush_batch
+                pending[version] = (embeddings, pages)
+
+            return self._install_prefix(embeddings.shape[0], defer, check_finite=False)
         return self._install_prefix(embeddings.shape[0],
                                     lambda pages: self.runner.prefill_embeddings(embeddings, pages))
 
