@@ -50,8 +50,8 @@ class GatedStore(LocalStore):
         super().__init__(root)
         self.writing, self.gate = threading.Event(), threading.Event()
 
-    def put(self, task, data, kind, requires=()):
+    def put(self, task, data, kind, requires=(), card=None):
         self.writing.set()
         if not self.gate.wait(60):
             raise TimeoutError("the test never opened the gate")
-        return super().put(task, data, kind, requires)
+        return super().put(task, data, kind, requires, card)

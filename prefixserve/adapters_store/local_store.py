@@ -227,8 +227,9 @@ class LocalStore(AdapterStore):
                                                                    self._tasks)
         self._unsubscribes: list[Callable[[], None]] = []
 
-    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
-        data, requires = check_put_args(task, data, kind, requires)
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = (),
+            card: dict | None = None) -> str:
+        data, requires = check_put_args(task, data, kind, requires, card)
         version = blob_version(data)
         with self._locked():  # the collector takes it too: a required blob found here stays until we commit
             missing = [required for required in requires if not self._blob_path(required).exists()]
@@ -239,7 +240,8 @@ class LocalStore(AdapterStore):
                 self._write_blob(version, data)  # a damaged blob is rewritten by a re-put
                 return version
             now = time.time()
-            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=now, requires=requires)
+            record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=now, requires=requires,
+                                   card=card)
             new_history = history_after(record, history, self.max_history)
             new_blob = [] if self._blob_path(version).exists() else [version]
             orphaned = referenced_versions(history) - referenced_versions(new_history)

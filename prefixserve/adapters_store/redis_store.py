@@ -105,11 +105,12 @@ class RedisStore(AdapterStore):
         self._collect_script = self._client.register_script(_COLLECT_LUA)
         self._events = _EventListener(url, self.channel, socket_timeout, snapshot=self.list_tasks)
 
-    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
-        data, requires = check_put_args(task, data, kind, requires)
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = (),
+            card: dict | None = None) -> str:
+        data, requires = check_put_args(task, data, kind, requires, card)
         version = blob_version(data)
         record = VersionRecord(version=version, kind=kind, num_bytes=len(data), created_at=time.time(),
-                               requires=requires)
+                               requires=requires, card=card)
         required_keys = tuple(self._blob_key(required) for required in requires)
 
         def change(pipe) -> tuple[str, Callable | None]:

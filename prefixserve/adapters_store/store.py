@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from prefixserve.errors import ConfigError, InvalidRequestError, TaskNotFoundError
 
@@ -27,6 +28,9 @@ DEFAULT_MAX_HISTORY = 8  # entries a task retains (its rollback targets); what f
 # fetching it (the server's request limit, 600 s by default, includes the wait for a slot) plus event lag.
 DEFAULT_GC_GRACE_S = 1800.0
 MAX_TASK_NAME_CHARS = 256
+# A version's card (what made it: a training job's kind, data size, metrics vs baselines) is kept in every
+# history entry of the version, so it is bounded like the rest of the record.
+MAX_CARD_BYTES = 64 * 1024
 _VERSION_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -39,17 +43,20 @@ class VersionRecord:
     num_bytes: int
     created_at: float  # unix time of the put (or rollback) that made it current
     requires: tuple[str, ...] = ()  # versions this one needs to be served (sorted); referenced like it
+    card: dict | None = field(default=None, hash=False)  # JSON object describing how the version was made
 
     def to_json(self) -> dict:
-        """The record as stored; `requires` only when there is one, so other records keep their old form."""
+        """The record as stored; `requires` and `card` only when there is one, so other records keep
+        their old form."""
         state = asdict(self)
-        if not self.requires:
-            del state["requires"]
+        for name in ("requires", "card"):
+            if not state[name]:
+                del state[name]
         return state
 
     @classmethod
     def from_json(cls, state: dict) -> VersionRecord:
-        """Inverse of to_json; a record written before `requires` existed requires nothing."""
+        """Inverse of to_json; a record written before `requires` or `card` existed has neither."""
         return cls(**{**state, "requires": tuple(state.get("requires", ()))})
 
     @property
@@ -71,16 +78,18 @@ class AdapterStore(abc.ABC):
     gc_grace_s: float  # how long a blob stays after its version left the last history that held it
 
     @abc.abstractmethod
-    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = ()) -> str:
+    def put(self, task: str, data: bytes, kind: str, requires: tuple[str, ...] = (),
+            card: dict | None = None) -> str:
         """Store the bytes (content-addressed) and make them the task's current version, atomically:
         readers see the old or the new version, never a broken one. Returns the version. The history
         keeps the newest `max_history` entries (`history_after`); versions that fall out become orphans.
         `requires` names stored versions this one cannot be served without (an intrinsic's subspace):
         their blobs are referenced for as long as an entry of this version that requires them is retained,
-        whatever happens to their own tasks. Putting the version that is already current (with the same
-        requires) changes nothing (no history entry, no event). InvalidRequestError for an empty or
-        unprintable task name, empty bytes, an empty kind or a malformed required version;
-        TaskNotFoundError, storing nothing, when a required version has no blob."""
+        whatever happens to their own tasks. `card` (a JSON object of at most MAX_CARD_BYTES, finite
+        numbers) is kept with the entry and by rollbacks to it. Putting the version that is already current
+        (with the same requires) changes nothing (no history entry, no event, the current card stays).
+        InvalidRequestError for an empty or unprintable task name, empty bytes, an empty kind, a malformed
+        required version or card; TaskNotFoundError, storing nothing, when a required version has no blob."""
 
     @abc.abstractmethod
     def current(self, task: str) -> str | None:
@@ -185,7 +194,8 @@ def check_version(version: object) -> str:
     return version
 
 
-def check_put_args(task: object, data: object, kind: object, requires: object = ()) -> tuple[bytes, tuple[str, ...]]:
+def check_put_args(task: object, data: object, kind: object, requires: object = (),
+                   card: object = None) -> tuple[bytes, tuple[str, ...]]:
     """(the bytes, the required versions sorted and without duplicates) of a valid put."""
     check_task_name(task)
     if not isinstance(kind, str) or not kind:
@@ -196,7 +206,21 @@ def check_put_args(task: object, data: object, kind: object, requires: object = 
         raise InvalidRequestError("expected non-empty artifact bytes, found 0 bytes")
     if not isinstance(requires, tuple | list):  # a bare version string would read as 64 one-character ones
         raise InvalidRequestError(f"expected requires to be a tuple of versions, found {type(requires).__name__}")
+    if card is not None:
+        check_card(card)
     return bytes(data), tuple(sorted({check_version(version) for version in requires}))
+
+
+def check_card(card: object) -> None:
+    """InvalidRequestError unless `card` is a JSON object of at most MAX_CARD_BYTES with finite numbers."""
+    if not isinstance(card, dict):
+        raise InvalidRequestError(f"expected the card to be a JSON object, found {type(card).__name__}")
+    try:  # allow_nan=False: a NaN metric would be written as invalid JSON that other readers refuse
+        size = len(json.dumps(card, allow_nan=False).encode())
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"expected the card to hold JSON values with finite numbers, found: {e}") from None
+    if size > MAX_CARD_BYTES:
+        raise InvalidRequestError(f"expected a card of at most {MAX_CARD_BYTES} bytes as JSON, found {size}")
 
 
 def missing_requirement_error(task: str, missing: list[str]) -> TaskNotFoundError:

@@ -178,10 +178,15 @@ class TaskRecord(BaseModel):
     kind: str
     num_bytes: int
     created_at: float
+    card: dict[str, Any] | None = Field(None, description="How the version was made, when a training job made it")
 
 
 class TaskInfo(TaskVersion):
     residency: Literal["device", "host", "store"]
+    card: dict[str, Any] | None = Field(
+        None, description="The current version's task card when a training job made it: job_id, kind, "
+                          "hyperparameters, num_train/num_eval examples, num_parameters, and metrics with the "
+                          "plain backbone's baselines (best_baseline, lift_over_best_baseline)")
     history: list[TaskRecord]  # newest first; history[0] is current
 
 

@@ -110,8 +110,9 @@ def tasks_router(engine: AsyncEngine, uploads: UploadSlots) -> APIRouter:
         current = history[0]
         return TaskInfo(task=task, kind=current.kind, version=current.version, num_bytes=current.num_bytes,
                         residency=sync.adapters.residency(current.version),
+                        card=current.card,
                         history=[TaskRecord(version=r.version, kind=r.kind, num_bytes=r.num_bytes,
-                                            created_at=r.created_at) for r in history])
+                                            created_at=r.created_at, card=r.card) for r in history])
 
     @router.post("/{task}/rollback", responses=error_responses(400, 401, 403, 404, 503))
     async def rollback(task: str, body: RollbackBody | None = None,

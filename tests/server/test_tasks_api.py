@@ -57,6 +57,7 @@ def test_list_show_rollback_delete(client, server):
     assert {"task": "faq", "version": v2} in client.get("/v1/tasks").json()["tasks"]
     shown = client.get("/v1/tasks/faq").json()
     assert shown["kind"] == "prompt" and shown["version"] == v2
+    assert shown["card"] is None  # an upload says nothing of how it was made; a training job's version does
     assert [h["version"] for h in shown["history"]] == [v2, v1]
     on_v2 = generate(client, "faq")["token_ids"]
     assert client.get("/v1/tasks/faq").json()["residency"] == "device"

@@ -187,6 +187,35 @@ def test_reput_of_identical_bytes_is_idempotent(store):
     assert store.get(version) == payload(1)
 
 
+CARD = {"kind": "prompt", "num_train": 40, "metrics": {"exact_match": 0.9, "best_baseline_exact_match": 0.5},
+        "baselines_skipped": {"instruction": "the job has no instruction"}, "suite_task": None}
+
+
+def test_a_card_is_kept_with_its_version_through_rollback_and_reopening(backend):
+    store = backend.make()
+    carded = store.put("t", payload(1), "prompt", card=CARD)
+    plain = store.put("t", payload(2), "prompt")
+    assert store.rollback("t") == carded
+    reopened = backend.make()  # what was persisted, read by another client
+    assert [(r.version, r.card) for r in reopened.history("t")] == [(carded, CARD), (plain, None), (carded, CARD)]
+    assert "card" not in reopened.history("t")[1].to_json()  # records without one keep their old form
+    assert reopened.put("t", payload(1), "prompt", card={"other": 1}) == carded  # already current: no change
+    assert reopened.history("t")[0].card == CARD and len(reopened.history("t")) == 3
+
+
+@pytest.mark.parametrize("card, message", [
+    (["not", "an", "object"], "expected the card to be a JSON object, found list"),
+    ({"metrics": {"exact_match": float("nan")}}, "finite numbers"),
+    ({"blob": b"bytes"}, "JSON values with finite numbers"),
+    ({"text": "x" * (64 * 1024)}, "card of at most 65536 bytes as JSON, found 65548"),
+])
+def test_a_bad_card_is_refused_storing_nothing(backend, card, message):
+    store = backend.make()
+    with pytest.raises(InvalidRequestError, match=message):
+        store.put("t", payload(1), "prompt", card=card)
+    assert store.list_tasks() == {} and backend.stored_versions() == set()
+
+
 def test_events_reach_this_and_another_client(backend):
     writer, reader = backend.make(), backend.make()
     mine, theirs = [], []
