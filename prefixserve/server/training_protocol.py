@@ -18,6 +18,7 @@ from prefixserve.training.queue import JobStatus
 from prefixserve.training.spec import (
     MAX_EXAMPLE_CHARS,
     MAX_EXAMPLES,
+    MAX_INSTRUCTION_CHARS,
     MAX_SOURCES,
     MAX_STEPS,
     TRAINABLE_KINDS,
@@ -72,6 +73,14 @@ class TrainingHyperparameters(BaseModel):
     eval_max_new_tokens: StrictInt = Field(_DEFAULTS.eval_max_new_tokens, json_schema_extra=_ints(1, 512))
     eval_every: StrictInt = Field(_DEFAULTS.eval_every, json_schema_extra=_ints(0, MAX_STEPS),
                                   description="Steps between progress evaluations; 0: only at the end")
+    warmup_steps: StrictInt | None = Field(
+        None, json_schema_extra=_ints(0, MAX_STEPS),
+        description="prefix / prompt / ptuning / lora: steps of linear learning-rate warm-up; null: the kind's "
+                    "default (prefix: a fifth of the steps, else 0)")
+    decay: StrictStr | None = Field(
+        None, json_schema_extra=_names("constant", "cosine"),
+        description="After warm-up the rate stays ('constant') or follows a cosine to a tenth of it ('cosine'); "
+                    "null: the kind's default (prefix: cosine, else constant)")
     num_virtual_tokens: StrictInt = Field(_DEFAULTS.num_virtual_tokens, json_schema_extra=_ints(1, 512))
     init: StrictStr = Field(_DEFAULTS.init, json_schema_extra=_names("text", "random"))
     init_text: StrictStr | None = Field(
@@ -111,6 +120,10 @@ class TrainingJobRequest(BaseModel):
     seed: StrictInt = Field(0, json_schema_extra=SEED)
     sources: list[Source] = Field(default_factory=list, json_schema_extra=accepts(array={"maxItems": MAX_SOURCES}),
                                   description="subspace jobs only: the prompt tasks it learns from")
+    instruction: StrictStr | None = Field(
+        None, description="What you would otherwise write in the prompt: scored as a baseline the trained task "
+                          "is compared with, and the text a soft prompt starts from",
+        json_schema_extra=accepts(string={"maxLength": MAX_INSTRUCTION_CHARS, "pattern": r"\S"}))
 
     def submitted(self) -> dict[str, Any]:
         """The fields the client sent, as plain JSON data for `parse_job_spec` (the defaults stay its own)."""
@@ -147,7 +160,9 @@ class TrainingJob(BaseModel):
     attempts: int = Field(0, description="Claims by workers so far")
     progress: TrainingProgress | None = None
     metrics: dict[str, float | None] | None = Field(
-        None, description="Train and eval loss, exact match, label accuracy, and the zero-shot backbone's")
+        None, description="Train and eval loss, exact match, label accuracy; the plain backbone's baselines "
+                    "(zero_shot_, instruction_, k_shot_, majority_exact_match), best_baseline_exact_match and "
+                    "lift_over_best_baseline")
     version: str | None = Field(None, description="The published version (while publishing: the version being put)")
     error: ErrorBody | None = None
 

@@ -31,7 +31,7 @@ def _plain_env(name: str, default: str | None, doc: str) -> str | None:
 
 # `train` flag -> hyperparameter (flags left unset keep the spec's defaults)
 _HP_FLAGS = ("steps", "learning_rate", "batch_size", "max_length", "num_virtual_tokens", "rank", "alpha", "init",
-             "init_text", "encoder", "intrinsic_dim", "eval_every")
+             "init_text", "encoder", "intrinsic_dim", "eval_every", "warmup_steps", "decay")
 
 
 def add_queue_args(parser: argparse.ArgumentParser, env: EnvFn) -> None:
@@ -68,9 +68,13 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     data = train.add_mutually_exclusive_group()
     data.add_argument("--data", type=Path, help="JSONL examples: {\"input\", \"output\"} or {\"messages\"} per line")
     data.add_argument("--suite-task", help="a built-in task of prefixserve.training.tasks")
+    train.add_argument("--instruction", help="what you would otherwise write in the prompt: scored as a baseline "
+                       "the task must beat, and the text a soft prompt starts from")
     train.add_argument("--steps", type=int)
     train.add_argument("--learning-rate", type=float, help="default: the kind's (" + ", ".join(
         f"{kind} {rate:g}" for kind, rate in DEFAULT_LEARNING_RATES.items()) + ")")
+    train.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (default 0)")
+    train.add_argument("--decay", choices=["constant", "cosine"], help="after warm-up (default constant)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-length", type=int, help="prompt + output tokens of one example")
     train.add_argument("--num-virtual-tokens", type=int)
@@ -178,6 +182,8 @@ def train_spec_dict(args: argparse.Namespace) -> dict:
         raw["examples"] = read_jsonl(args.data)
     if args.suite_task is not None:
         raw["suite_task"] = args.suite_task
+    if args.instruction is not None:
+        raw["instruction"] = args.instruction
     sources = []
     for text in args.source:
         task, sep, data = text.partition("=")

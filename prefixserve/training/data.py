@@ -95,7 +95,7 @@ def encode_examples(tokenizer, examples: list[dict], max_length: int, where: str
 class JobData:
     train: list[dict]
     eval: list[dict]
-    instruction: str | None  # the task's instruction (suite tasks), for TEXT init of soft prompts
+    instruction: str | None  # the job's or suite task's instruction: a baseline, and TEXT init of soft prompts
     labels: tuple[str, ...] | None  # class label words of a classification task, else None
 
 
@@ -106,7 +106,7 @@ def job_data(spec: JobSpec) -> JobData:
         from prefixserve.training.tasks import build_task  # the suite pulls in word lists: only when used
 
         task = build_task(spec.suite_task, seed=spec.seed)
-        return JobData(list(task.train), list(task.eval), task.instruction, task.labels)
+        return JobData(list(task.train), list(task.eval), spec.instruction or task.instruction, task.labels)
     examples = list(spec.examples)
     if not examples:
         raise TrainingDataError("expected training data: 'examples' or 'suite_task', found neither")
@@ -123,7 +123,7 @@ def job_data(spec: JobSpec) -> JobData:
         num_eval = min(len(examples) - 1, max(1, round(spec.eval_fraction * len(examples))))
         eval_ = [examples[i] for i in sorted(order[:num_eval])]
         train = [examples[i] for i in sorted(order[num_eval:])]
-    return JobData(train, eval_, None, infer_labels(examples))
+    return JobData(train, eval_, spec.instruction, infer_labels(examples))
 
 
 def infer_labels(examples: list[dict]) -> tuple[str, ...] | None:

@@ -31,7 +31,6 @@ from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedEr
 from prefixserve.training.adapter_guard import require_params_reach_loss
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample
-from prefixserve.training.evaluate import evaluate
 from prefixserve.training.soft_prompt import evaluate_soft_prompt, soft_prompt_loss
 from prefixserve.training.spec import Hyperparameters, ProgressEvent, ProgressFn, TrainedAdapter
 from prefixserve.training.trainers import MAX_GRAD_NORM, batch_indices
@@ -190,9 +189,6 @@ def train_intrinsic(backbone: TrainingBackbone, subspace: Artifact, subspace_ver
         prompt = SubspaceKind.decode(subspace.tensors, artifact.tensors["z"], config)  # [P, hidden] as served
         metrics |= evaluate_soft_prompt(backbone.model, backbone.tokenizer, prompt, eval, hp.eval_max_new_tokens,
                                         backbone.eos_token_ids)
-        zero_shot = evaluate(backbone.model, backbone.tokenizer, eval, hp.eval_max_new_tokens, None,
-                             eos_token_ids=backbone.eos_token_ids)
-        metrics["zero_shot_exact_match"] = zero_shot["exact_match"]
     return TrainedAdapter(artifact=artifact.data, kind="intrinsic", metrics=metrics)
 
 

@@ -7,6 +7,7 @@ training ran but gave no usable adapter (divergence, an adapter the server would
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from prefixserve.adapters_store.artifact import Artifact
@@ -14,8 +15,8 @@ from prefixserve.adapters_store.format import decode_artifact
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
 from prefixserve.training.backbone import TrainingBackbone
+from prefixserve.training.baselines import BaselineScores, score_baselines
 from prefixserve.training.data import EncodedExample, JobData, encode_examples, job_data
-from prefixserve.training.evaluate import evaluate
 from prefixserve.training.spec import JobSpec, ProgressFn, TrainedAdapter
 from prefixserve.training.trainers import PEFT_KINDS, PROMPT_KINDS, train_peft
 
@@ -24,6 +25,7 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
             work_dir: Path) -> TrainedAdapter:
     """Train `spec` against `backbone`; `work_dir` keeps the resumable checkpoint and the PEFT export."""
     hp = spec.hyperparameters
+    data, baselines = None, None
     if spec.kind == "subspace":
         result = _run_subspace(spec, backbone, store, progress)
     elif spec.kind in PEFT_KINDS or spec.kind == "intrinsic":
@@ -42,16 +44,15 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
             init_text = data.instruction or (" ".join(data.labels) if data.labels else None)
             result = train_peft(backbone, spec.kind, train, eval_, hp, spec.seed, progress, work_dir,
                                 init_text=init_text, labels=data.labels)
-        if eval_ and "zero_shot_exact_match" not in result.metrics:
-            zero_shot = evaluate(backbone.model, backbone.tokenizer, eval_, hp.eval_max_new_tokens, data.labels,
-                                 eos_token_ids=backbone.eos_token_ids)
-            result.metrics["zero_shot_exact_match"] = zero_shot["exact_match"]
-            if "label_accuracy" in zero_shot:
-                result.metrics["zero_shot_label_accuracy"] = zero_shot["label_accuracy"]
+        if eval_:  # what the tenant gains over writing the instruction and examples into the prompt
+            baselines = score_baselines(backbone, data, hp.eval_max_new_tokens)
+            result.metrics.update(baselines.metrics | {
+                "best_baseline_exact_match": baselines.best_exact_match,
+                "lift_over_best_baseline": result.metrics["exact_match"] - baselines.best_exact_match})
     else:
         raise TrainingDataError(f"expected 'kind' among {[*PEFT_KINDS, 'subspace', 'intrinsic']}, found {spec.kind!r}")
-    _check_result(backbone, result)
-    return result
+    artifact = _check_result(backbone, result)
+    return replace(result, card=_card(spec, data, baselines, artifact, result.metrics))
 
 
 def _encode(backbone: TrainingBackbone, spec: JobSpec, data: JobData,
@@ -116,7 +117,26 @@ def _run_subspace(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore
     return ipt.train_subspace(backbone, sources, spec.hyperparameters, spec.seed, progress)
 
 
-def _check_result(backbone: TrainingBackbone, result: TrainedAdapter) -> None:
+def _card(spec: JobSpec, data: JobData | None, baselines: BaselineScores | None, artifact: Artifact,
+          metrics: dict[str, float]) -> dict:
+    """What `GET /v1/tasks/{name}` shows of the version: how it was trained and how it compares with the
+    plain backbone's baselines. Names no task (engine names carry the tenant) and keeps a subspace's
+    aggregate metrics, not one per source, so its size does not grow with the job (MAX_CARD_BYTES)."""
+    hp = {k: v for k, v in asdict(spec.hyperparameters).items() if v is not None and k != "subspace"}
+    card = {"kind": spec.kind, "hyperparameters": hp, "seed": spec.seed,
+            "num_parameters": sum(t.numel() for t in artifact.tensors.values()),
+            "metrics": {name: value for name, value in metrics.items() if "/" not in name}}
+    if data is None:
+        card["num_sources"] = len(spec.sources)
+    else:
+        card |= {"num_train": len(data.train), "num_eval": len(data.eval), "suite_task": spec.suite_task,
+                 "instruction_given": spec.instruction is not None}
+    if baselines is not None:
+        card |= {"best_baseline": baselines.best, "baselines_skipped": baselines.skipped}
+    return card
+
+
+def _check_result(backbone: TrainingBackbone, result: TrainedAdapter) -> Artifact:
     """The last gate before the worker publishes: the artifact is one the server accepts, metrics finite."""
     try:
         artifact = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint,
@@ -129,3 +149,4 @@ def _check_result(backbone: TrainingBackbone, result: TrainedAdapter) -> None:
     bad = sorted(name for name, value in result.metrics.items() if not math.isfinite(value))
     if bad:
         raise TrainingFailedError(f"expected finite metrics from training, found NaN/Inf in {bad}")
+    return artifact

@@ -20,6 +20,7 @@ MAX_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 8_192
 MAX_STEPS = 100_000
 MAX_SOURCES = 256
+MAX_INSTRUCTION_CHARS = 2_048
 
 
 # The rates task_quality measured on the suite (benchmarks/RESULTS.md). They differ by orders of magnitude:
@@ -27,6 +28,10 @@ MAX_SOURCES = 256
 # 0.88 exact match at 1e-3, 0.00 at 3e-3); Adam moves every decoder weight of a subspace by ~lr a step.
 DEFAULT_LEARNING_RATES = {"prompt": 0.1, "ptuning": 3e-2, "prefix": 1e-3, "lora": 3e-3, "subspace": 1e-3,
                           "intrinsic": 0.1}
+# (warm-up as a fraction of the steps, decay) where it was measured to matter: a prefix's MLP at a constant
+# rate spiked and fell back to the majority answer on first_letter (0.05 exact match) and word_temperature
+# (0.50); a fifth of the steps warming up and a cosine decay gave 0.97 and 0.98 (RESULTS.md, 2026-12-03).
+DEFAULT_SCHEDULES = {"prefix": (0.2, "cosine")}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class Hyperparameters:
     max_length: int = 128  # prompt + output tokens of one example; longer examples fail the job
     eval_max_new_tokens: int = 16
     eval_every: int = 0  # steps between progress evals (0: only at the end)
+    # prefix / prompt / ptuning / lora: the rate rises linearly over `warmup_steps`, then stays ("constant")
+    # or follows a cosine to a tenth of it by the last step ("cosine"). None: the kind's (DEFAULT_SCHEDULES).
+    warmup_steps: int | None = None
+    decay: str | None = None
     # prefix / prompt / ptuning / subspace / intrinsic
     num_virtual_tokens: int = 8
     # prompt / prefix: "text" (from init_text, else the task's instruction/label words: a soft prompt of
@@ -58,10 +67,14 @@ class Hyperparameters:
     subspace: str | None = None  # intrinsic: the engine task name of a published subspace artifact
 
     def with_kind_defaults(self, kind: str) -> Hyperparameters:
-        """These hyperparameters with `kind`'s default learning rate if none was given."""
-        if self.learning_rate is not None:
-            return self
-        return replace(self, learning_rate=DEFAULT_LEARNING_RATES[kind])
+        """These hyperparameters with `kind`'s default learning rate and schedule where none was given
+        (call it once `steps` is final: a default warm-up is a fraction of them)."""
+        warmup_fraction, decay = DEFAULT_SCHEDULES.get(kind, (0.0, "constant"))
+        return replace(
+            self,
+            learning_rate=DEFAULT_LEARNING_RATES[kind] if self.learning_rate is None else self.learning_rate,
+            warmup_steps=round(warmup_fraction * self.steps) if self.warmup_steps is None else self.warmup_steps,
+            decay=decay if self.decay is None else self.decay)
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class JobSpec:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     seed: int = 0
     sources: tuple[dict, ...] = ()  # subspace jobs only
+    # What the tenant would otherwise write in the prompt: scored as a baseline, and TEXT init of soft prompts.
+    instruction: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +120,8 @@ class TrainedAdapter:
 
     artifact: bytes
     kind: str  # the artifact's kind: ptuning publishes "prompt" (its encoder output), IPT "subspace"/"intrinsic"
-    metrics: dict[str, float]  # final train loss, eval loss, exact match / label accuracy, zero-shot baseline
+    metrics: dict[str, float]  # final train loss, eval loss, exact match / label accuracy, the baselines'
+    card: dict | None = None  # the task card published with the version (run_job fills it in)
 
 
 def parse_job_spec(raw: object) -> JobSpec:
@@ -146,11 +162,19 @@ def parse_job_spec(raw: object) -> JobSpec:
     eval_fraction = raw.get("eval_fraction", 0.2)
     if not _is_number(eval_fraction) or not 0.0 <= eval_fraction < 1.0:
         raise TrainingDataError(f"expected 'eval_fraction' in [0, 1), found {eval_fraction!r:.80}")
+    instruction = raw.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()
+                                    or len(instruction) > MAX_INSTRUCTION_CHARS):
+        raise TrainingDataError(f"expected 'instruction' to be non-empty text of at most {MAX_INSTRUCTION_CHARS} "
+                                f"characters, found {instruction!r:.80}")
+    if instruction is not None and kind == "subspace":
+        raise TrainingDataError("expected no 'instruction' for a subspace job (its sources carry their own data)")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise TrainingDataError(f"expected 'seed' to be a non-negative integer, found {seed!r:.80}")
     return JobSpec(task=task, kind=kind, examples=examples, suite_task=suite_task, eval_examples=eval_examples,
-                   eval_fraction=float(eval_fraction), hyperparameters=hp, seed=seed, sources=sources)
+                   eval_fraction=float(eval_fraction), hyperparameters=hp, seed=seed, sources=sources,
+                   instruction=instruction)
 
 
 def check_suite_tasks(spec: JobSpec) -> None:
@@ -235,6 +259,8 @@ _HP_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[object], bool], st
     "max_length": (int, lambda v: 2 <= v <= 32_768, "2..32768"),
     "eval_max_new_tokens": (int, lambda v: 1 <= v <= 512, "1..512"),
     "eval_every": (int, lambda v: 0 <= v <= MAX_STEPS, f"0..{MAX_STEPS}"),
+    "warmup_steps": ((int, type(None)), lambda v: v is None or 0 <= v <= MAX_STEPS, f"0..{MAX_STEPS} or null"),
+    "decay": ((str, type(None)), lambda v: v in (None, "constant", "cosine"), "'constant', 'cosine' or null"),
     "num_virtual_tokens": (int, lambda v: 1 <= v <= 512, "1..512"),
     "init": (str, lambda v: v in ("text", "random"), "'text' or 'random'"),
     "init_text": ((str, type(None)), lambda v: v is None or 0 < len(v) <= MAX_EXAMPLE_CHARS, "a non-empty string"),

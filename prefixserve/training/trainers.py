@@ -49,6 +49,7 @@ PEFT_KINDS = ("prefix", "prompt", "ptuning", "lora")
 PROMPT_KINDS = ("prefix", "prompt", "ptuning")  # kinds that put num_virtual_tokens in front of every sequence
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MAX_GRAD_NORM = 1.0
+MIN_RATE_FRACTION = 0.1  # where a "cosine" decay ends, of the peak rate
 
 
 def peft_config(backbone: TrainingBackbone, kind: str, hp: Hyperparameters, init_text: str | None):
@@ -170,6 +171,17 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> l
     return torch.randperm(num_examples, generator=generator)[:batch_size].tolist()
 
 
+def learning_rate_at(hp: Hyperparameters, step: int) -> float:
+    """The rate of `step` (1-based): linear warm-up to hp.learning_rate over hp.warmup_steps, then constant
+    or a cosine down to MIN_RATE_FRACTION of it at hp.steps."""
+    if step <= hp.warmup_steps:
+        return hp.learning_rate * step / hp.warmup_steps
+    if hp.decay == "constant" or hp.steps <= hp.warmup_steps + 1:
+        return hp.learning_rate
+    progress = (step - hp.warmup_steps - 1) / (hp.steps - hp.warmup_steps - 1)  # 0 after warm-up .. 1 at the end
+    return hp.learning_rate * (MIN_RATE_FRACTION + (1 - MIN_RATE_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def checkpoint_every(steps: int) -> int:
     return max(1, min(50, steps // 5))
 
@@ -200,6 +212,8 @@ def _train_loop(peft_model, backbone: TrainingBackbone, kind: str, train: list[E
         if not torch.isfinite(grad_norm):
             raise TrainingFailedError(f"training diverged at step {step}: the gradient norm is {grad_norm.item()}; "
                                       f"nothing was published (try a lower learning_rate than {hp.learning_rate})")
+        for group in optimizer.param_groups:  # a function of the step, so a resumed job follows it too
+            group["lr"] = learning_rate_at(hp, step)
         optimizer.step()
         window.append(loss.item())
         if step % checkpoint_every(hp.steps) == 0 or step == hp.steps:

@@ -94,7 +94,9 @@ class Worker:
                     result = self._run_job(spec, self.backbone, self.store, self._progress_fn(claim, lost), work_dir)
                     version = blob_version(result.artifact)
                     self.queue.publishing(claim, version, result.metrics)
-                    self.store.put(spec.task, result.artifact, result.kind, requires=_required_versions(result))
+                    card = {"job_id": claim.job_id, **(result.card or {})}  # shown with the version
+                    self.store.put(spec.task, result.artifact, result.kind, requires=_required_versions(result),
+                                   card=card)
                     self.queue.complete(claim, version, result.metrics)
                     logger.info("job %s: published %s version %s", claim.job_id, spec.task, version[:12])
         except _Stopped:

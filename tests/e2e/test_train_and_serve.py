@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def test_a_job_submitted_over_http_is_trained_published_and_served(smollm2, smollm2_dir, tmp_path):
     task = build_task("made_up_color", num_train=64, num_eval=12)
     spec = {"task": "colors", "kind": "prompt", "examples": task.train, "eval_examples": task.eval, "seed": 1,
-            "hyperparameters": {"steps": 40, "learning_rate": 0.3, "num_virtual_tokens": 4, "eval_max_new_tokens": 4}}
+            "instruction": task.instruction,
+            "hyperparameters": {"steps": 40, "learning_rate": 0.1, "num_virtual_tokens": 4, "eval_max_new_tokens": 4}}
     store, queue = LocalStore(tmp_path / "store"), SqliteJobQueue(tmp_path / "jobs.sqlite3")
     worker = Worker(queue, store, load_training_backbone(ModelConfig(source=str(smollm2_dir))), tmp_path / "work")
     stop = threading.Event()
@@ -41,8 +42,12 @@ def test_a_job_submitted_over_http_is_trained_published_and_served(smollm2, smol
             assert record["status"] == "succeeded", record
             assert record["progress"]["step"] == record["progress"]["total_steps"] == 40
             published_at = time.monotonic()
-            served_version = client.get("/v1/tasks/colors").json()["version"]
-            assert served_version == record["version"]  # the server hears the store's event: hot swap
+            info = client.get("/v1/tasks/colors").json()
+            assert info["version"] == record["version"]  # the server hears the store's event: hot swap
+            card = info["card"]  # the task card: how the version was made and what it beats
+            made = (card["job_id"], card["kind"], card["num_train"], card["num_eval"])
+            assert made == (record["id"], "prompt", 64, 12)
+            assert card["metrics"] == record["metrics"] and info["history"][0]["card"] == card
 
             answers = []
             for example in task.eval:
@@ -54,7 +59,10 @@ def test_a_job_submitted_over_http_is_trained_published_and_served(smollm2, smol
             served_exact_match = sum(answers) / len(answers)
             # The server predicts exactly what the training code's own evaluation predicted.
             assert served_exact_match == pytest.approx(record["metrics"]["exact_match"])
-            assert record["metrics"]["exact_match"] > record["metrics"]["zero_shot_exact_match"]
+            # Above always answering the commonest color (0.58 against 0.33 when measured); the margin over
+            # the best baseline is what test_prompt_tuning_smollm2_beats_every_baseline holds a job to.
+            metrics = record["metrics"]
+            assert metrics["exact_match"] > metrics["majority_exact_match"], metrics
     finally:
         stop.set()
         if thread.is_alive():

@@ -51,6 +51,8 @@ def valid(**changes) -> dict:
     (valid(hyperparameters={"batch_size": 0}), "hyperparameters.batch_size"),
     (valid(hyperparameters={"max_length": 1}), "hyperparameters.max_length"),
     (valid(hyperparameters={"init": "zeros"}), "hyperparameters.init"),
+    (valid(hyperparameters={"decay": "linear"}), "hyperparameters.decay 'constant', 'cosine' or null"),
+    (valid(hyperparameters={"warmup_steps": -1}), "hyperparameters.warmup_steps 0..100000 or null"),
     (valid(hyperparameters={"init_text": ""}), "hyperparameters.init_text"),
     (valid(hyperparameters={"encoder": "gru"}), "hyperparameters.encoder"),
     (valid(hyperparameters={"rank": 1000}), "hyperparameters.rank"),
@@ -91,7 +93,8 @@ def test_valid_spec_round_trips_through_json(raw):
 def test_defaults():
     spec = parse_job_spec(valid())
     assert spec == JobSpec(task="acme/sentiment", kind="prompt", examples=tuple(EXAMPLES),
-                           hyperparameters=Hyperparameters(learning_rate=DEFAULT_LEARNING_RATES["prompt"]))
+                           hyperparameters=Hyperparameters(learning_rate=DEFAULT_LEARNING_RATES["prompt"],
+                                                           warmup_steps=0, decay="constant"))
 
 
 @pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "intrinsic"])
@@ -102,3 +105,12 @@ def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
     given = parse_job_spec(valid(kind=kind, hyperparameters={"learning_rate": 0.5, **extra}))
     assert given.hyperparameters.learning_rate == 0.5
     assert Hyperparameters(learning_rate=0.5).with_kind_defaults(kind).learning_rate == 0.5
+
+
+@pytest.mark.parametrize("kind, warmup_steps, decay", [("prefix", 20, "cosine"), ("prompt", 0, "constant"),
+                                                       ("lora", 0, "constant")])
+def test_a_spec_without_a_schedule_gets_its_kinds_and_keeps_a_given_one(kind, warmup_steps, decay):
+    hp = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100})).hyperparameters
+    assert (hp.warmup_steps, hp.decay) == (warmup_steps, decay)
+    given = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100, "warmup_steps": 7, "decay": "constant"}))
+    assert (given.hyperparameters.warmup_steps, given.hyperparameters.decay) == (7, "constant")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from prefixserve.adapters_store.fingerprint import backbone_fingerprint
 from prefixserve.adapters_store.format import decode_artifact
 from prefixserve.adapters_store.local_store import LocalStore
+from prefixserve.adapters_store.store import check_card
 from prefixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import SamplingParams
@@ -22,7 +23,7 @@ from prefixserve.training.data import encode_examples, format_prompt
 from prefixserve.training.evaluate import predict, predict_ids
 from prefixserve.training.runner import run_job
 from prefixserve.training.spec import Hyperparameters, JobSpec, parse_job_spec
-from prefixserve.training.trainers import CHECKPOINT_NAME, train_peft
+from prefixserve.training.trainers import CHECKPOINT_NAME, learning_rate_at, train_peft
 
 KINDS = ("prompt", "prefix", "ptuning", "lora")
 TOY = [{"input": f"word {w}", "output": o} for w, o in [("apple", "yes"), ("sky", "no"), ("grass", "yes"),
@@ -144,7 +145,7 @@ def test_engine_serves_what_evaluation_predicted(kind, trained, backbone, engine
 
 def test_resume_from_checkpoint_gives_the_same_artifact(backbone, toy, tmp_path):
     hp = Hyperparameters(steps=12, batch_size=2, learning_rate=0.05, num_virtual_tokens=3, encoder="lstm",
-                         encoder_hidden=16)
+                         encoder_hidden=16, warmup_steps=3, decay="cosine")  # the schedule resumes too
     whole = train_peft(backbone, "ptuning", toy, [], hp, 5, lambda e: None, tmp_path / "whole")
 
     def stop_at_7(event):
@@ -171,6 +172,25 @@ def test_resume_from_checkpoint_gives_the_same_artifact(backbone, toy, tmp_path)
     assert events[0].step == 1
 
 
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
+    hp = Hyperparameters(steps=10, learning_rate=1.0, warmup_steps=4, decay="cosine")
+    rates = [learning_rate_at(hp, step) for step in range(1, 11)]
+    assert rates[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert rates[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(rates[4:], rates[5:]))
+    constant = dataclasses.replace(hp, decay="constant")
+    assert [learning_rate_at(constant, step) for step in (4, 5, 10)] == [1.0, 1.0, 1.0]
+    assert learning_rate_at(Hyperparameters(steps=3, learning_rate=0.5, warmup_steps=0, decay="cosine"), 1) == 0.5
+    assert learning_rate_at(Hyperparameters(steps=1, learning_rate=0.5, warmup_steps=0, decay="cosine"), 1) == 0.5
+
+
+def test_the_schedule_reaches_the_optimizer(backbone, toy, tmp_path):
+    hp = Hyperparameters(steps=2, batch_size=2, learning_rate=0.05, num_virtual_tokens=2)
+    constant = train_peft(backbone, "prompt", toy, [], hp, 0, lambda e: None, tmp_path / "constant")
+    warm = train_peft(backbone, "prompt", toy, [], dataclasses.replace(hp, warmup_steps=5), 0, lambda e: None,
+                      tmp_path / "warm")
+    assert warm.artifact != constant.artifact
+
+
 def test_divergence_fails_without_an_artifact(backbone, toy, tmp_path):
     poisoned = copy.deepcopy(backbone.model)
     with torch.no_grad():  # a token every prompt ends with ("Answer") now embeds to inf: the loss is NaN
@@ -189,13 +209,38 @@ def spec(kind="prompt", **fields) -> JobSpec:
     return parse_job_spec({**raw, **fields})
 
 
-def test_run_job_reports_zero_shot_and_progress_evals(backbone, tmp_path):
+def test_run_job_reports_baselines_a_card_and_progress_evals(backbone, tmp_path):
     events = []
-    job = spec(hyperparameters={"steps": 2, "batch_size": 2, "num_virtual_tokens": 2, "eval_every": 1})
+    job = spec(hyperparameters={"steps": 2, "batch_size": 2, "num_virtual_tokens": 2, "eval_every": 1},
+               instruction="Answer yes or no.")
     result = run_job(job, backbone, LocalStore(tmp_path / "store"), record(events), tmp_path / "job")
-    assert {"train_loss", "eval_loss", "exact_match", "label_accuracy", "zero_shot_exact_match"} <= set(result.metrics)
+    metrics = result.metrics
+    baselines = {f"{name}_exact_match" for name in ("zero_shot", "instruction", "k_shot", "majority")}
+    assert {"train_loss", "eval_loss", "exact_match", "label_accuracy", *baselines} <= set(metrics)
+    assert metrics["best_baseline_exact_match"] == max(metrics[key] for key in baselines)
+    assert metrics["lift_over_best_baseline"] == metrics["exact_match"] - metrics["best_baseline_exact_match"]
     assert result.kind == "prompt"
     assert [e.step for e in events] == [1, 2] and set(events[0].eval_metrics) >= {"exact_match", "eval_loss"}
+    card = result.card
+    assert card["kind"] == "prompt" and card["metrics"] == metrics and card["seed"] == 0
+    assert (card["num_train"], card["num_eval"], card["instruction_given"]) == (2, 2, True)
+    assert card["num_parameters"] == 2 * backbone.model.config.hidden_size  # 2 virtual tokens
+    assert card["hyperparameters"]["steps"] == 2 and metrics[f"{card['best_baseline']}_exact_match"] == max(
+        metrics[key] for key in baselines)
+    assert card["baselines_skipped"] == {}
+
+
+def test_the_instruction_is_validated(tmp_path):
+    with pytest.raises(TrainingDataError, match="expected 'instruction' to be non-empty text of at most 2048"):
+        spec(instruction="   ")
+    with pytest.raises(TrainingDataError, match="non-empty text"):
+        spec(instruction=["Answer"])
+    with pytest.raises(TrainingDataError, match="non-empty text"):
+        spec(instruction="x" * 2049)
+    with pytest.raises(TrainingDataError, match="no 'instruction' for a subspace job"):
+        parse_job_spec({"task": "acme/s", "kind": "subspace", "sources": [{"task": "acme/p", "examples": TOY}],
+                        "instruction": "Answer yes or no."})
+    assert spec(instruction="Answer yes or no.").instruction == "Answer yes or no."
 
 
 def test_run_job_bad_data_names_the_example(backbone, tmp_path):
@@ -231,17 +276,35 @@ def test_run_job_ipt_sources_must_be_published_prompt_tasks(backbone, trained, t
         run_job(intrinsic, backbone, store, lambda e: None, tmp_path / "job")
 
 
+def test_a_subspace_jobs_card_keeps_aggregates_not_one_entry_per_source(backbone, trained, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for name in ("acme/p", "acme/q"):
+        store.put(name, trained("prompt")[0].artifact, "prompt")
+    job = parse_job_spec({"task": "acme/sub", "kind": "subspace",
+                          "sources": [{"task": "acme/p", "examples": TOY}, {"task": "acme/q", "examples": TOY}],
+                          "eval_fraction": 0.5,
+                          "hyperparameters": {"steps": 2, "batch_size": 2, "num_virtual_tokens": 4, "max_length": 32,
+                                              "intrinsic_dim": 2, "decoder_hidden": 8}})
+    result = run_job(job, backbone, store, lambda e: None, tmp_path / "job")
+    assert any("/" in name for name in result.metrics)  # the job's record has each source's scores
+    card = result.card
+    assert card["kind"] == "subspace" and card["num_sources"] == 2 and "num_train" not in card
+    assert card["metrics"] == {k: v for k, v in result.metrics.items() if "/" not in k} and card["metrics"]
+    check_card(card)  # what the store accepts
+
+
 @pytest.mark.slow
-def test_prompt_tuning_smollm2_beats_zero_shot(smollm2_dir, tmp_path):
+def test_prompt_tuning_smollm2_beats_every_baseline(smollm2_dir, tmp_path):
     """A tenant's job on the real backbone: made-up words -> yes/no is near chance for SmolLM2, which
-    zero-shot answers in its own words; a short prompt-tuning job learns the task's answers."""
+    zero-shot answers in its own words and with 4 examples in the prompt guesses; a short prompt-tuning
+    job learns the task's answers."""
     from prefixserve.training.backbone import load_training_backbone
     from prefixserve.training.tasks import build_task
 
     backbone = load_training_backbone(ModelConfig(source=str(smollm2_dir)))
     task = build_task("made_up_yes_no")
     job = parse_job_spec({"task": "acme/yes-no", "kind": "prompt", "examples": task.train,
-                          "eval_examples": task.eval[:32],
+                          "eval_examples": task.eval[:32], "instruction": task.instruction,
                           "hyperparameters": {"steps": 60, "batch_size": 4, "learning_rate": 0.03,
                                               "num_virtual_tokens": 4, "eval_max_new_tokens": 3,
                                               "init_text": task.instruction}})
@@ -250,4 +313,6 @@ def test_prompt_tuning_smollm2_beats_zero_shot(smollm2_dir, tmp_path):
     metrics = result.metrics
     assert events[-1].loss < events[0].loss / 2
     assert metrics["exact_match"] >= metrics["zero_shot_exact_match"] + 0.25, metrics
+    # Measured 0.84 against the best baseline's 0.53 (4-shot): a margin of 10 of the 32 examples.
+    assert metrics["lift_over_best_baseline"] >= 0.15, metrics
     assert metrics["label_accuracy"] >= metrics["exact_match"]

@@ -258,6 +258,8 @@ def test_a_prompt_job_trains_and_is_published(tiny_training_backbone, store, tmp
     assert artifact.kind == "prompt"
     assert record.progress["step"] == record.progress["total_steps"] == 4
     assert "train_loss" in record.metrics
+    card = store.history(TASK)[0].card  # published with the version, for GET /v1/tasks/{name}
+    assert card["job_id"] == job.id and card["metrics"] == record.metrics and card["kind"] == "prompt"
     queue.close()
 
 
