@@ -73,8 +73,10 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     train.add_argument("--steps", type=int)
     train.add_argument("--learning-rate", type=float, help="default: the kind's (" + ", ".join(
         f"{kind} {rate:g}" for kind, rate in DEFAULT_LEARNING_RATES.items()) + ")")
-    train.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (default 0)")
-    train.add_argument("--decay", choices=["constant", "cosine"], help="after warm-up (default constant)")
+    train.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (default: prefix "
+                       "a fifth of the steps, other kinds 0)")
+    train.add_argument("--decay", choices=["constant", "cosine"], help="after warm-up (default: prefix cosine, "
+                       "other kinds constant)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-length", type=int, help="prompt + output tokens of one example")
     train.add_argument("--num-virtual-tokens", type=int)
