@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from prefixserve.errors import TrainingDataError
-from prefixserve.training.tasks import TASK_NAMES, TaskData, build_task
+from prefixserve.training.tasks import FAMILIES, TASK_NAMES, TaskData, build_task
 
 MAX_OUTPUT_TOKENS = 6  # every task but data-to-text
 MAX_INPUT_TOKENS = 16
@@ -30,10 +30,16 @@ def tasks() -> dict[str, TaskData]:
 
 def test_suite_has_enough_tasks_in_every_family():
     families = Counter(build_task(name, num_train=4, num_eval=2).family for name in TASK_NAMES)
-    assert len(TASK_NAMES) == len(set(TASK_NAMES)) >= 24
+    assert len(TASK_NAMES) == len(set(TASK_NAMES)) >= 36
     assert families["mapping"] >= 8 and families["rule"] >= 5 and families["sentiment"] >= 2
     assert families["lookup"] >= 4 and families["data_to_text"] >= 2
-    assert set(families) == {"mapping", "rule", "sentiment", "lookup", "data_to_text"}
+    assert families["file"] == families["arithmetic"] == families["date"] == families["transform"] == 2
+    assert families["entity"] == 1
+    assert set(families) == set(FAMILIES) == {"mapping", "rule", "sentiment", "lookup", "data_to_text", "file",
+                                              "arithmetic", "date", "entity", "transform"}
+    # The suite's first 27 tasks keep their order and names (IPT's held-out split and caches name them).
+    assert TASK_NAMES[:5] == ("made_up_color", "made_up_animal", "made_up_yes_no", "made_up_number", "made_up_fruit")
+    assert TASK_NAMES[25:27] == ("restaurant_area", "restaurant_near")
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -59,7 +65,8 @@ def test_task_builds_fast_with_fixed_disjoint_splits(name):
 def test_classification_labels_are_balanced(name, tasks):
     task = tasks[name]
     if task.labels is None:
-        assert task.family in ("lookup", "data_to_text") or name in ("alphabetical_first", "longer_word")
+        assert task.family in ("lookup", "data_to_text", "arithmetic", "date", "transform") \
+            or name in ("alphabetical_first", "longer_word", "file_mime_type")
         return
     assert len(set(task.labels)) == len(task.labels) >= 2
     for split in (task.train, task.eval):
@@ -153,6 +160,37 @@ def test_sentiment_labels_agree_with_vader(tasks):
             assert (compound > 0) - (compound < 0) == sign[example["output"]], (name, example, compound)
     negated = sum(e["input"].startswith("not ") for e in tasks["sentiment_negation"].train)
     assert 64 <= negated <= 192
+
+
+def test_new_family_answers_are_right_by_an_independent_check(tasks):
+    import mimetypes
+    from datetime import datetime
+
+    from faker.providers.color import Provider as Colors
+    from faker.providers.file import Provider as Files
+    from faker.providers.job import Provider as Jobs
+    from word2number import w2n
+
+    category_of = {ext: category for category, exts in Files.file_extensions.items() for ext in exts}
+    checks = {
+        "file_category": lambda x: category_of[x.rsplit(".", 1)[1]],
+        "file_mime_type": lambda x: mimetypes.MimeTypes().guess_type(x)[0],
+        "number_from_words": lambda x: str(w2n.word_to_num(x)),
+        "sum_of_two": lambda x: str(sum(int(n) for n in x.split(" + "))),
+        "month_of_date": lambda x: datetime.strptime(x, "%Y-%m-%d").strftime("%B"),
+        "quarter_of_date": lambda x: f"Q{-(-datetime.strptime(x, '%Y-%m-%d').month // 3)}",
+        "uppercase_word": str.upper,
+        "swap_words": lambda x: " ".join(reversed(x.split(" "))),
+    }
+    for name, check in checks.items():
+        for example in tasks[name].train + tasks[name].eval:
+            assert example["output"] == check(example["input"]), (name, example)
+    assert len({e["output"] for e in tasks["file_mime_type"].eval}) >= 12  # not one type repeated
+    words = [e["input"] for e in tasks["number_from_words"].train]
+    assert any("hundred" not in w for w in words) and any("-" in w for w in words)
+    for example in tasks["entity_type"].train + tasks["entity_type"].eval:
+        x, kind = example["input"], example["output"]
+        assert (x in Colors.all_colors) == (kind == "color") and (x in Jobs.jobs) == (kind == "job"), example
 
 
 def test_lookups_hold_known_facts():

@@ -2,8 +2,10 @@
 packages (nothing is downloaded), for training and scoring adapters by exact match of greedy outputs.
 
 Families: arbitrary word -> label mappings and fixed rules over words (the backbone alone is near
-chance), sentiment from the VADER lexicon, ISO lookups from pycountry, and E2E-style data-to-text
-built with faker. A task built twice with the same seed gives the same examples in any process.
+chance), sentiment from the VADER lexicon, ISO lookups from pycountry, E2E-style data-to-text built
+with faker, and (added to widen Intrinsic Prompt Tuning's source tasks) file types, numbers in words
+and sums, calendar dates, kinds of named entities, and copying with an edit. A task built twice
+with the same seed gives the same examples in any process.
 
 Sizes: eval always gets `num_eval` examples; train gets `num_train`, or fewer where the material runs
 out (the pycountry tables hold 118-237 rows). TrainingDataError if not even eval plus one train
@@ -15,7 +17,18 @@ import random
 from dataclasses import dataclass
 
 from prefixserve.errors import TrainingDataError, expect
-from prefixserve.training.tasks import data_to_text, lookups, mapping, rules, sentiment
+from prefixserve.training.tasks import (
+    arithmetic,
+    data_to_text,
+    dates,
+    entities,
+    files,
+    lookups,
+    mapping,
+    rules,
+    sentiment,
+    transforms,
+)
 from prefixserve.training.tasks.common import TaskSpec
 
 
@@ -25,14 +38,16 @@ class TaskData:
     instruction: str  # one sentence describing the task (initialises prompt tuning from text)
     labels: tuple[str, ...] | None  # distinct outputs for classification tasks, else None
     near_chance: bool  # the backbone alone cannot know the answers
-    family: str  # "mapping" | "rule" | "sentiment" | "lookup" | "data_to_text"
+    family: str  # FAMILIES
     train: list[dict]  # [{"input": str, "output": str}, ...]; inputs disjoint from eval's
     eval: list[dict]
 
 
-_REGISTRY: dict[str, TaskSpec] = {**mapping.TASKS, **rules.TASKS, **sentiment.TASKS, **lookups.TASKS,
-                                  **data_to_text.TASKS}
+# Registration order is the suite's order (TASK_NAMES); new families go last so older tasks keep their place.
+_MODULES = (mapping, rules, sentiment, lookups, data_to_text, files, arithmetic, dates, entities, transforms)
+_REGISTRY: dict[str, TaskSpec] = {name: spec for module in _MODULES for name, spec in module.TASKS.items()}
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(spec.family for spec in _REGISTRY.values()))
 
 
 def build_task(name: str, *, seed: int = 0, num_train: int = 256, num_eval: int = 64) -> TaskData:

@@ -137,6 +137,13 @@ def generated_splits(rng: random.Random, generate: Callable[[random.Random], tup
     return sampled_splits(rng, list(pairs.items()), num_train, num_eval)
 
 
+def generated_task(instruction: str, family: str, generate: Callable[[random.Random], tuple[str, str]],
+                   near_chance: bool = False) -> TaskSpec:
+    """An open-output task whose examples come from `generate(rng) -> (input, output)`."""
+    return TaskSpec(instruction, None, near_chance=near_chance, family=family,
+                    make=lambda rng, num_train, num_eval: generated_splits(rng, generate, num_train, num_eval))
+
+
 def _split_off(items: list, num_train: int, num_eval: int, have: str) -> tuple[list, list]:
     """(eval, train): the first `num_eval` items, then up to `num_train` of the rest."""
     if len(items) <= num_eval:
