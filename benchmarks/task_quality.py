@@ -262,12 +262,11 @@ def run_ipt(bench: Bench, soft_prompts: dict[str, torch.Tensor], seen: list[str]
 
 
 def seen_subsets(seen: list[str], sizes: list[int], seed: int) -> list[list[str]]:
-    """Nested subsets of the seen tasks for the recovery-vs-number-of-MSF-tasks curve: the first k of
-    one seeded shuffle, so a larger subset holds every smaller one; sizes >= len(seen) give all of them."""
+    """Nested proper subsets of the seen tasks for the recovery-vs-number-of-MSF-tasks curve: the first k
+    of one seeded shuffle, so a larger subset holds every smaller one (sizes >= len(seen) are the full run)."""
     order = list(seen)
     random.Random(f"msf-subsets:{seed}").shuffle(order)
-    subsets = [[n for n in seen if n in order[:k]] for k in sorted(set(sizes)) if k < len(seen)]
-    return subsets + [list(seen)]
+    return [[n for n in seen if n in order[:k]] for k in sorted(set(sizes)) if k < len(seen)]
 
 
 def _log(what: str):
@@ -312,7 +311,7 @@ def main() -> None:
     if "ipt" in kinds:
         curve = [run_ipt(bench, soft_prompts, seen, held_out, d) for d in args.intrinsic_dims]
         curve += [run_ipt(bench, soft_prompts, subset, held_out, args.intrinsic_dims[0])
-                  for subset in seen_subsets(seen, args.num_seen, args.seed)[:-1]]
+                  for subset in seen_subsets(seen, args.num_seen, args.seed)]
         for name, scores in curve[0]["tasks"].items():  # the table shows the first d over every seen task
             bench.results[name].update(scores)
     ipt = {k: v for k, v in curve[0].items() if k != "tasks"} if curve else None

@@ -34,7 +34,6 @@ def _sum(rng: random.Random) -> tuple[str, str]:
     return f"{a} + {b}", str(a + b)
 
 
-
 TASKS = {
     "number_from_words": generated_task("Write the number in digits.", "arithmetic", _from_words),
     "sum_of_two": generated_task("Give the sum of the two numbers.", "arithmetic", _sum),

@@ -55,6 +55,15 @@ def made_up_words(rng: random.Random, num_words: int) -> list[str]:
     return list(words)
 
 
+def seeded_faker(rng: random.Random):
+    """An en_US `Faker` seeded from `rng`, so a task's fake names follow the task's seed."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(rng.randrange(2**32))
+    return fake
+
+
 @cache
 def common_words() -> tuple[str, ...]:
     """About 950 common English words (faker's en_US lorem list), 3+ letters, in the list's order."""
@@ -137,10 +146,9 @@ def generated_splits(rng: random.Random, generate: Callable[[random.Random], tup
     return sampled_splits(rng, list(pairs.items()), num_train, num_eval)
 
 
-def generated_task(instruction: str, family: str, generate: Callable[[random.Random], tuple[str, str]],
-                   near_chance: bool = False) -> TaskSpec:
-    """An open-output task whose examples come from `generate(rng) -> (input, output)`."""
-    return TaskSpec(instruction, None, near_chance=near_chance, family=family,
+def generated_task(instruction: str, family: str, generate: Callable[[random.Random], tuple[str, str]]) -> TaskSpec:
+    """An open-output task the backbone partly knows, whose examples come from `generate(rng) -> (input, output)`."""
+    return TaskSpec(instruction, None, near_chance=False, family=family,
                     make=lambda rng, num_train, num_eval: generated_splits(rng, generate, num_train, num_eval))
 
 

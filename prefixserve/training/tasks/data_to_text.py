@@ -9,19 +9,13 @@ from collections.abc import Callable
 
 from faker import Faker
 
-from prefixserve.training.tasks.common import Splits, TaskSpec, generated_splits
+from prefixserve.training.tasks.common import Splits, TaskSpec, generated_splits, seeded_faker
 
 _VENUES = ("Kitchen", "Grill", "Table", "Bistro", "Diner", "Tavern", "Garden", "Oven")
 _FOODS = ("Italian", "French", "Chinese", "Indian", "Japanese", "English", "Thai", "Mexican")
 _AREAS = ("riverside", "city centre", "harbour", "old town")
 _EAT_TYPES = ("pub", "restaurant", "coffee shop")
 _PRICES = {"cheap": "cheap", "moderate": "moderately priced", "high": "high-priced"}
-
-
-def _faker(rng: random.Random) -> Faker:
-    fake = Faker("en_US")
-    fake.seed_instance(rng.randrange(2**32))
-    return fake
 
 
 def _restaurant_name(fake: Faker) -> str:
@@ -42,7 +36,7 @@ def _near(fake: Faker) -> tuple[str, str]:
 
 def _make(template: Callable[[Faker], tuple[str, str]]) -> Callable[[random.Random, int, int], Splits]:
     def make(rng: random.Random, num_train: int, num_eval: int) -> Splits:
-        fake = _faker(rng)
+        fake = seeded_faker(rng)
         return generated_splits(rng, lambda _: template(fake), num_train, num_eval)
 
     return make

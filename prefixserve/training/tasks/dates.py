@@ -27,7 +27,6 @@ def _quarter(rng: random.Random) -> tuple[str, str]:
     return day.isoformat(), f"Q{(day.month - 1) // 3 + 1}"
 
 
-
 TASKS = {
     "month_of_date": generated_task("Give the name of the date's month.", "date", _month),
     "quarter_of_date": generated_task("Give the quarter of the year the date falls in, Q1 to Q4.", "date", _quarter),

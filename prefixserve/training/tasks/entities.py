@@ -6,17 +6,14 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from faker import Faker
-
-from prefixserve.training.tasks.common import Splits, TaskSpec, balanced_splits
+from prefixserve.training.tasks.common import Splits, TaskSpec, balanced_splits, seeded_faker
 
 _KINDS = {"person": "name", "city": "city", "company": "company", "job": "job", "color": "color_name"}
 _DRAWS_PER_KIND = 4  # draws per example wanted: faker repeats itself (there are only 140 color names)
 
 
 def _entity_type(rng: random.Random, num_train: int, num_eval: int) -> Splits:
-    fake = Faker("en_US")
-    fake.seed_instance(rng.randrange(2**32))
+    fake = seeded_faker(rng)
     wanted = _DRAWS_PER_KIND * -(-(num_train + num_eval) // len(_KINDS))
     drawn = {kind: list(dict.fromkeys(getattr(fake, method)() for _ in range(wanted)))
              for kind, method in _KINDS.items()}

@@ -5,6 +5,7 @@ common words, so an input is "budget.xlsx"."""
 
 from __future__ import annotations
 
+import math
 import mimetypes
 import random
 from functools import cache
@@ -38,8 +39,9 @@ def _category(rng: random.Random, num_train: int, num_eval: int) -> Splits:
 
 def _mime(rng: random.Random, num_train: int, num_eval: int) -> Splits:
     # Every extension gets stems of its own, so eval asks about extensions training has also shown.
-    table = _mime_table()
-    stems = rng.sample(list(common_words()), min(len(common_words()), -(-(num_train + num_eval) // len(table)) + 1))
+    table, words = _mime_table(), list(common_words())
+    stems_per_extension = math.ceil((num_train + num_eval) / len(table)) + 1
+    stems = rng.sample(words, min(len(words), stems_per_extension))
     pairs = [(f"{stem}.{ext}", mime) for ext, mime in table for stem in stems]
     return sampled_splits(rng, pairs, num_train, num_eval)
 

@@ -18,7 +18,6 @@ def _swap(rng: random.Random) -> tuple[str, str]:
     return f"{a} {b}", f"{b} {a}"
 
 
-
 TASKS = {
     "uppercase_word": generated_task("Write the word in capital letters.", "transform", _uppercase),
     "swap_words": generated_task("Write the two words in the other order.", "transform", _swap),
