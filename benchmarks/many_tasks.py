@@ -9,7 +9,8 @@ names), so setup is not timed; the server learns each task at its first request 
 from the store. Kinds: lora8 / lora64 (rank 8 / 64, alpha 16, on q,k,v,o of every layer), prefix,
 prompt (16 virtual tokens), ptuning (stored as a prompt, as PEFT saves it: the prompt encoder's
 output, converted by import_peft), intrinsic (z over one shared random IPT subspace, 16 virtual
-tokens), mixed (tasks cycle through lora8, prefix, prompt, intrinsic). Weights are random and
+tokens), ia3 (scales on k, v and down_proj's input, peft's default for Llama), mixed (tasks cycle
+through lora8, prefix, prompt, intrinsic, ia3). Weights are random and
 small; every task is distinct. Before measuring, one task of each kind must change the greedy
 output (tokens or logprobs) against the backbone, so an ignored task cannot flatter the numbers.
 
@@ -54,8 +55,8 @@ from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 from prefixserve.models.loader import load_backbone
 
-KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "mixed")
-MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic")
+KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "mixed")
+MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3")
 NUM_VIRTUAL_TOKENS = 16
 INTRINSIC_DIM = 16
 LORA_TARGETS = ("k_proj", "o_proj", "q_proj", "v_proj")  # sorted, as the lora kind's config lists them
@@ -95,7 +96,17 @@ class TaskFactory:
         if kind == "intrinsic":
             return "intrinsic", encode_artifact("intrinsic", {"subspace_version": self.subspace_version},
                                                 {"z": self._randn(INTRINSIC_DIM)}, self.fingerprint)
+        if kind == "ia3":
+            return "ia3", self._ia3()
         raise ValueError(f"expected a kind among {KINDS[:-1]}, found {kind!r}")
+
+    def _ia3(self) -> bytes:
+        features, tensors = lora_features(self.arch), {}
+        for layer in range(self.arch.num_layers):  # scales near 1 (peft starts at ones), as trained ones stay
+            for target, side in (("k_proj", 1), ("v_proj", 1), ("down_proj", 0)):
+                tensors[f"layers.{layer}.{target}.ia3"] = 1 + self._randn(features[target][side], scale=0.2)
+        return encode_artifact("ia3", {"targets": ["down_proj", "k_proj", "v_proj"], "feedforward": ["down_proj"]},
+                               tensors, self.fingerprint)
 
     def _lora(self, rank: int) -> bytes:
         features, tensors = lora_features(self.arch), {}

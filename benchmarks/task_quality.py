@@ -1,5 +1,5 @@
 """Task quality on SmolLM2: greedy exact match on each task's eval split, trained per task and kind
-(prompt, prefix, lora through the real trainers) against what a user could do with the plain backbone
+(prompt, prefix, lora, ia3 through the real trainers) against what a user could do with the plain backbone
 instead (prefixserve.training.baselines, as every training job reports them): the bare prompt, the
 task's instruction in the prompt, the instruction and 4 training examples in the prompt, and the
 training split's majority answer. Lift is over the best of them. Plus Intrinsic Prompt Tuning: prompt
@@ -9,11 +9,11 @@ IST's z; for seen tasks it is the subspace's reconstruction of the task's own pr
 MSF + IST per --intrinsic-dim over every seen task, and per --num-seen over nested subsets of them.
 
   --quick   2 near-chance tasks, prompt + lora, few steps: a few minutes on a 2-core CPU.
-  default   every near-chance task for prompt/prefix/lora (narrow with --tasks / --peft-tasks); IPT with
+  default   every near-chance task for prompt/prefix/lora/ia3 (narrow with --tasks / --peft-tasks); IPT with
             MSF on every other suite task (prompt-tuned first) and IST on the HELD_OUT tasks.
   --kinds ipt --intrinsic-dim 5,16,64,250 --num-seen 8,16,21   the IPT curves alone.
 
-Trained prompt/prefix/lora artifacts are cached under --cache-dir (keyed by task, kind, hyperparameters,
+Trained prompt/prefix/lora/ia3 artifacts are cached under --cache-dir (keyed by task, kind, hyperparameters,
 seed, split sizes and backbone), so IPT settings can be re-run without re-training its sources.
 
 Prints one JSON object last and appends to RESULTS.md."""
@@ -46,6 +46,7 @@ from prefixserve.training.tasks import TASK_NAMES, build_task
 from prefixserve.training.trainers import train_peft
 
 QUICK_TASKS = ("word_size", "longer_word")
+PEFT_KINDS = ("prefix", "lora", "ia3")  # trained on --peft-tasks (prompt tuning also feeds IPT)
 # Held out of MSF. As in the paper's split of tasks into seen and unseen ones, most held-out tasks share
 # their output format with a seen task (FORMAT_SIBLINGS); two map onto label words no other task outputs,
 # which a soft prompt must bring in itself (the suite's prompts carry no instruction): reported apart.
@@ -60,6 +61,7 @@ _RATES = DEFAULT_LEARNING_RATES
 HP = {"prompt": Hyperparameters(learning_rate=_RATES["prompt"], num_virtual_tokens=8),
       "prefix": Hyperparameters(learning_rate=_RATES["prefix"], num_virtual_tokens=8, encoder_hidden=128),
       "lora": Hyperparameters(learning_rate=_RATES["lora"], rank=8, targets=("q_proj", "v_proj")),
+      "ia3": Hyperparameters(learning_rate=_RATES["ia3"]),  # peft's targets for Llama: k, v, down_proj's input
       "msf": Hyperparameters(learning_rate=_RATES["subspace"], intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
       "ist": Hyperparameters(learning_rate=_RATES["intrinsic"])}
 
@@ -67,12 +69,12 @@ HP = {"prompt": Hyperparameters(learning_rate=_RATES["prompt"], num_virtual_toke
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--tasks", help="comma-separated tasks for prompt/prefix/lora (default: every near-chance task)")
-    p.add_argument("--peft-tasks", help="prefix and lora only on these (default: --tasks)")
-    p.add_argument("--kinds", default="prompt,prefix,lora,ipt")
-    p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora steps")
+    p.add_argument("--tasks", help="comma-separated tasks for prompt/prefix/lora/ia3 (default: every near-chance task)")
+    p.add_argument("--peft-tasks", help="prefix, lora and ia3 only on these (default: --tasks)")
+    p.add_argument("--kinds", default="prompt,prefix,lora,ia3,ipt")
+    p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora/ia3 steps")
     p.add_argument("--msf-steps", type=int, default=150)
-    p.add_argument("--task-steps", default="", help="per-task prompt/prefix/lora steps overriding --steps, "
+    p.add_argument("--task-steps", default="", help="per-task prompt/prefix/lora/ia3 steps overriding --steps, "
                    "e.g. letter_count=300,word_position=200 (reported per task)")
     p.add_argument("--ist-steps", type=int, default=100)
     p.add_argument("--intrinsic-dim", default="8", help="comma-separated d: one MSF + IST per d over every seen "
@@ -303,7 +305,7 @@ def main() -> None:
         artifact = decode_artifact(bench.train_peft("prompt", name), expected_fingerprint=None,
                                    limits=backbone.limits, arch=None)
         soft_prompts[name] = artifact.tensors["embeddings"].float()  # [P, hidden]
-    for kind in ("prefix", "lora"):
+    for kind in PEFT_KINDS:
         if kind in kinds:
             for name in peft_tasks:
                 bench.train_peft(kind, name)
@@ -316,7 +318,7 @@ def main() -> None:
             bench.results[name].update(scores)
     ipt = {k: v for k, v in curve[0].items() if k != "tasks"} if curve else None
 
-    trained = [k for k in ("prompt", "prefix", "lora") if k in kinds]
+    trained = [k for k in ("prompt", *PEFT_KINDS) if k in kinds]
     lifts = {k: {n: r[k]["lift"] for n, r in bench.results.items() if k in r} for k in trained}
     summary = {
         "benchmark": "task_quality", "backbone": "SmolLM2-135M-Instruct fp32", "quick": args.quick,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import (
+    IA3Config,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -47,6 +48,12 @@ def peft_configs(tokenizer_dir: Path) -> dict[str, object]:
         "lora-rank64": LoraConfig(task_type=CAUSAL, r=64, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                           "o_proj"],
                                   init_lora_weights=False),
+        # peft's default for Llama (k, v outputs; down_proj's input), and inputs of fused parts (q of
+        # q/k/v, up of gate/up) beside outputs of the others
+        "ia3-default": IA3Config(task_type=CAUSAL, target_modules=["k_proj", "v_proj", "down_proj"],
+                                 feedforward_modules=["down_proj"]),
+        "ia3-fused-inputs": IA3Config(task_type=CAUSAL, target_modules=["q_proj", "o_proj", "gate_proj", "up_proj"],
+                                      feedforward_modules=["q_proj", "up_proj"]),
     }
 
 
@@ -55,9 +62,9 @@ def make_peft_adapter(base, config, out_dir: Path, seed: int) -> PeftModel:
     load it back the way a user would: the saved folder is what we import and the loaded model is the
     reference."""
     torch.manual_seed(seed)
-    # LoRA injects layers into the model it wraps; prompt learning leaves the base untouched, so
+    # LoRA and IA3 inject layers into the model they wrap; prompt learning leaves the base untouched, so
     # those adapters share it (a SmolLM2 copy per adapter would cost 0.5 GB each).
-    own_base = (lambda: copy.deepcopy(base)) if isinstance(config, LoraConfig) else (lambda: base)
+    own_base = (lambda: copy.deepcopy(base)) if isinstance(config, (LoraConfig, IA3Config)) else (lambda: base)
     model = get_peft_model(own_base(), copy.deepcopy(config))
     with torch.no_grad():  # P-tuning / projection encoders start near zero: make them matter
         for name, p in model.named_parameters():

@@ -12,6 +12,8 @@ Layouts (checked against peft 0.21 and in tests against peft itself):
   encoder's output (peft runs the MLP/LSTM at save time), i.e. what the model is fed.
 - LORA saves `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`,
   A: [r, in_features], B: [out_features, r]; delta W = scaling * B @ A.
+- IA3 saves `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.ia3_l`: [out_features, 1]
+  (scales the output) or, for feedforward_modules, [1, in_features] (scales the input).
 """
 
 from __future__ import annotations
@@ -195,8 +197,41 @@ def _convert_lora(cfg: dict, tensors: dict, arch: LlamaArch):
     return "lora", config, lora
 
 
+_IA3_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\."
+                      r"(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))\.ia3_l")
+
+
+def _convert_ia3(cfg: dict, tensors: dict, arch: LlamaArch):
+    if cfg.get("fan_in_fan_out"):
+        raise AdapterError(f"expected fan_in_fan_out unset, found {cfg['fan_in_fan_out']!r}: Conv1D-style "
+                           f"transposed weights are not served")
+    unserved = sorted(key for key in tensors if not _IA3_KEY.fullmatch(key))
+    if unserved:
+        raise AdapterError(f"expected only IA3 vectors (ia3_l) of {list(LORA_TARGETS)} in decoder layers, "
+                           f"found {len(unserved)} others, e.g. {', '.join(repr(k) for k in unserved[:3])}")
+    vectors, feedforward = {}, set()
+    for key, tensor in tensors.items():
+        match = _IA3_KEY.fullmatch(key)
+        layer, target = match[1], match[2] or match[3]
+        # peft shapes the vector by where it multiplies: [1, in] before the matmul, [out, 1] after it
+        if tensor.ndim != 2 or 1 not in tensor.shape:
+            raise AdapterError(f"expected {key} of shape [1, in_features] or [out_features, 1], found "
+                               f"{list(tensor.shape)}")
+        if tensor.shape[0] == 1 and tensor.shape[1] != 1:
+            feedforward.add(target)
+        vectors[f"layers.{layer}.{target}.ia3"] = tensor.reshape(-1)
+    declared = cfg.get("feedforward_modules")
+    if isinstance(declared, list):  # a regex string is peft's other form: the shapes above say the same
+        listed = {str(t).rsplit(".", 1)[-1] for t in declared} & {name.split(".")[2] for name in vectors}
+        if listed != feedforward:
+            raise AdapterError(f"expected the vectors of feedforward_modules {sorted(listed)} to be shaped "
+                               f"[1, in_features] and only theirs, found that shape on {sorted(feedforward)}")
+    targets = sorted({name.split(".")[2] for name in vectors})
+    return "ia3", {"targets": targets, "feedforward": sorted(feedforward)}, vectors
+
+
 _CONVERTERS: dict[str, Callable] = {"PREFIX_TUNING": _convert_prefix, "PROMPT_TUNING": _convert_prompt,
-                                    "P_TUNING": _convert_prompt, "LORA": _convert_lora}
+                                    "P_TUNING": _convert_prompt, "LORA": _convert_lora, "IA3": _convert_ia3}
 
 
 # ---- reading the two files, bounded ------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefixserve.engine.lora_pool import LoRAAllocation
+from prefixserve.engine.vector_pool import VectorAllocation
 
 
 @dataclass(eq=False)
@@ -17,4 +18,5 @@ class AdapterHandle:
     prefix_pages: list[int] = field(default_factory=list)
     prefix_len: int = 0
     lora: LoRAAllocation | None = None
+    vectors: VectorAllocation | None = None
     num_users: int = 0  # requests holding it

@@ -1,4 +1,4 @@
-"""Owns the device state (KV pool, LoRA pool); turns a SchedulerOutput into flat varlen batch
+"""Owns the device state (KV pool, LoRA pool, vector pool); turns a SchedulerOutput into flat varlen batch
 metadata and runs the backbone. Only the rows that will be sampled reach the LM head."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import torch
 from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
 from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler_output import SchedulerOutput
+from prefixserve.engine.vector_pool import VectorPool
 from prefixserve.kernels.cascade_plan import plan_cascade
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
-from prefixserve.models.llama import LoRAStep
+from prefixserve.models.llama import LoRAStep, VectorStep
 from prefixserve.models.loader import Backbone
 
 # Rows of the LM head computed at once for prompt logprobs: bounds the [rows, vocab] buffers.
@@ -46,7 +47,8 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, backbone: Backbone, num_pages: int, page_size: int, lora_pool_rows: int):
+    def __init__(self, backbone: Backbone, num_pages: int, page_size: int, lora_pool_rows: int,
+                 vector_pool_rows: int = 64):
         self.backbone = backbone
         self.page_size = page_size
         a = backbone.arch
@@ -61,6 +63,7 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
         self.lora_pool = LoRAPool(a, lora_pool_rows, self.dtype, self.device)
+        self.vector_pool = VectorPool(a, vector_pool_rows, self.device)
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:
@@ -69,9 +72,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, lora, logits_indices, sampling, scoring = self._prepare(step)
+        input_ids, positions, meta, lora, vectors, logits_indices, sampling, scoring = self._prepare(step)
         model = self.backbone.model
-        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora)  # [T, hidden]
+        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora, vectors)  # [T, hidden]
         prompt_logprobs = [self._score_prompt(hidden, job) for job in scoring]
         return StepResult(model.compute_logits(hidden[logits_indices]), sampling, prompt_logprobs)
 
@@ -166,6 +169,7 @@ class ModelRunner:
         logits_indices, sampling, scoring = [], [], []
         segment_of: dict[int, int] = {}
         lora_segments: list[LoRAAllocation] = []
+        vector_tokens, vector_rows = [], []  # per sequence of a task with vectors: its token rows, its pool row
         for s, (request, n) in enumerate(zip(step.requests, step.num_new_tokens)):
             start = request.num_computed_tokens
             pages = np.asarray(request.page_ids, dtype=np.int64)
@@ -182,6 +186,9 @@ class ModelRunner:
                 if segment == len(lora_segments):
                     lora_segments.append(allocation)
             lora_chunks.append(np.full(n, segment, dtype=np.int64))
+            if handle is not None and handle.vectors is not None:
+                vector_tokens.append(np.arange(cu_seqlens[s], cu_seqlens[s] + n, dtype=np.int64))
+                vector_rows.append(np.full(n, handle.vectors.row, dtype=np.int64))
             cu_seqlens[s + 1] = cu_seqlens[s] + n
             seq_lens[s] = start + n
             page_table[s, :len(pages)] = pages
@@ -215,7 +222,11 @@ class ModelRunner:
             lora_meta = lora_batch_metadata(np.concatenate(lora_chunks), [a.rows for a in lora_segments],
                                             [a.scaling for a in lora_segments], device)
             lora = LoRAStep(self.lora_pool.pools, lora_meta)
+        vectors = None
+        if vector_tokens:  # batches without such tasks skip every vector op
+            vectors = VectorStep(self.vector_pool.pools, torch.from_numpy(np.concatenate(vector_tokens)).to(device),
+                                 torch.from_numpy(np.concatenate(vector_rows)).to(device))
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
         logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)
-        return input_ids, positions, meta, lora, logits_indices, sampling, scoring
+        return input_ids, positions, meta, lora, vectors, logits_indices, sampling, scoring

@@ -1,9 +1,9 @@
 """Which adapter versions are on the device, who holds them, and what makes room. Engine thread only.
 
 Implements the `DeviceTarget` that kinds compile through (adapters_store/kinds): a kind says what
-its tensors become (a KV prefix, a soft prompt to prefill, LoRA weights), this module owns the KV
-pages and LoRA pool rows they take and evicts idle versions, least recently used first, when
-either runs short. Prompt-style versions are compiled once into KV pages shared read-only by all
+its tensors become (a KV prefix, a soft prompt to prefill, LoRA weights, per-task vectors), this
+module owns the KV pages and pool rows they take and evicts idle versions, least recently used
+first, when any of them runs short. Prompt-style versions are compiled once into KV pages shared read-only by all
 their requests, reference-counted: one reference for the resident copy, one per request.
 """
 
@@ -22,6 +22,7 @@ from prefixserve.engine.adapter_handle import AdapterHandle
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.vector_pool import VectorAllocation
 from prefixserve.errors import AdapterError, EngineOverloadedError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Placement:
     prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
     prefix_len: int = 0
     lora: LoRAAllocation | None = None  # lora: its rows in the pool
+    vectors: VectorAllocation | None = None  # ia3: its row in the vector pool
 
 
 class DeviceResidency:
@@ -55,7 +57,8 @@ class DeviceResidency:
             placement = get_kind(artifact.kind).compile(artifact, self)
         finally:
             self._compiling = None
-        handle = AdapterHandle(version, artifact.kind, placement.prefix_pages, placement.prefix_len, placement.lora)
+        handle = AdapterHandle(version, artifact.kind, placement.prefix_pages, placement.prefix_len, placement.lora,
+                               placement.vectors)
         self.resident[version] = handle
         return handle
 
@@ -99,12 +102,15 @@ class DeviceResidency:
         self.pages.free(handle.prefix_pages)
         if handle.lora is not None:
             self.runner.lora_pool.free(handle.lora)
+        if handle.vectors is not None:
+            self.runner.vector_pool.free(handle.vectors)
 
-    def evict_idle(self, enough: Callable[[], bool], lora_only: bool = False) -> None:
+    def evict_idle(self, enough: Callable[[], bool], holds: Callable[[AdapterHandle], bool] = lambda h: True) -> None:
+        """Drop idle versions that `holds` what is short, least recently used first, until `enough`."""
         for handle in list(self.resident.values()):  # least recently used first
             if enough():
                 return
-            if not handle.num_users and (handle.lora is not None if lora_only else True):
+            if not handle.num_users and holds(handle):
                 self.drop(handle)
                 self.evictions += 1
 
@@ -142,8 +148,14 @@ class DeviceResidency:
                      rank: int) -> Placement:
         pool = self.runner.lora_pool
         if pool.num_free_rows < rank:
-            self.evict_idle(lambda: pool.num_free_rows >= rank, lora_only=True)
+            self.evict_idle(lambda: pool.num_free_rows >= rank, holds=lambda h: h.lora is not None)
         return Placement(lora=pool.load(weights, scaling))
+
+    def install_vectors(self, vectors: dict[tuple[int, str, str], torch.Tensor]) -> Placement:
+        pool = self.runner.vector_pool
+        if not pool.num_free_rows:
+            self.evict_idle(lambda: pool.num_free_rows > 0, holds=lambda h: h.vectors is not None)
+        return Placement(vectors=pool.load(vectors))
 
     def _install_prefix(self, num_tokens: int, write: Callable[[list[int]], None],
                         check_finite: bool = True) -> Placement:

@@ -79,6 +79,46 @@ class LoRAStep:
             add_lora(x, y, a[layer], b[layer], self.meta)
 
 
+@dataclass
+class VectorStep:
+    """This step's per-task vectors over projections (engine/vector_pool.py): the pools, (mode, target)
+    -> [num_layers, rows, features] fp32, and the tokens of tasks that have vectors with their rows.
+    Only those tokens are touched, so the other tasks' rows stay bitwise what the backbone gives."""
+
+    pools: dict[tuple[str, str], torch.Tensor]
+    token_indices: torch.Tensor  # [n] int64: rows of x / y
+    token_rows: torch.Tensor  # [n] int64: each one's pool row
+
+    def scales_input(self, target: str) -> bool:
+        return ("scale_in", target) in self.pools
+
+    def scaled_rows(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
+        """[n, in]: the vector tasks' rows of x times their input scales for target (which has some)."""
+        scale = self.pools[("scale_in", target)][layer, self.token_rows]
+        return (x[self.token_indices].float() * scale).to(x.dtype)
+
+    def scale_input(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
+        """x with its vector tasks' rows multiplied by their input scales (a copy; x is not changed)."""
+        if not self.scales_input(target):
+            return x
+        x = x.clone()
+        x[self.token_indices] = self.scaled_rows(layer, target, x)
+        return x
+
+    def apply_output(self, layer: int, target: str, y: torch.Tensor) -> None:
+        """y = y * scale + shift on the vector tasks' tokens, in place; y may be a column slice."""
+        scale, shift = self.pools.get(("scale_out", target)), self.pools.get(("shift_out", target))
+        if scale is None and shift is None:
+            return
+        idx, rows = self.token_indices, self.token_rows
+        out = y[idx].float()
+        if scale is not None:
+            out = out * scale[layer, rows]
+        if shift is not None:
+            out = out + shift[layer, rows]
+        y[idx] = out.to(y.dtype)
+
+
 def rope_tables(config: PretrainedConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [max_len, head_dim] in fp32, computed exactly as transformers does per position."""
     rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
@@ -128,17 +168,23 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
         self.scale = arch.head_dim ** -0.5
 
-    def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache, lora: LoRAStep | None):
+    def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache, lora: LoRAStep | None,
+                vectors: VectorStep | None = None):
         # hidden: [T, hidden]; cos, sin: [T, 1, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D]
         a = self.arch
         num_tokens = hidden.shape[0]
         x = self.input_layernorm(hidden)
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        q_end, k_end = a.num_heads * a.head_dim, (a.num_heads + a.num_kv_heads) * a.head_dim
+        qkv_slices = {"q_proj": slice(0, q_end), "k_proj": slice(q_end, k_end), "v_proj": slice(k_end, None)}
+        if vectors is not None:
+            self._rescale_fused_inputs(vectors, self.qkv_proj, x, qkv, qkv_slices)
         if lora is not None:
-            q_end, k_end = a.num_heads * a.head_dim, (a.num_heads + a.num_kv_heads) * a.head_dim
-            lora.apply(self.index, "q_proj", x, qkv[:, :q_end])
-            lora.apply(self.index, "k_proj", x, qkv[:, q_end:k_end])
-            lora.apply(self.index, "v_proj", x, qkv[:, k_end:])
+            for target, columns in qkv_slices.items():
+                lora.apply(self.index, target, x, qkv[:, columns])
+        if vectors is not None:
+            for target, columns in qkv_slices.items():
+                vectors.apply_output(self.index, target, qkv[:, columns])
         qk, v = qkv.split([(a.num_heads + a.num_kv_heads) * a.head_dim, a.num_kv_heads * a.head_dim], dim=-1)
         qk = qk.view(num_tokens, a.num_heads + a.num_kv_heads, a.head_dim)
         qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys in one pass
@@ -146,21 +192,43 @@ class DecoderLayer(nn.Module):
         v = v.view(num_tokens, a.num_kv_heads, a.head_dim)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale).view(num_tokens, -1)  # [T, H * D]
-        out = self.o_proj(attn)
-        if lora is not None:
-            lora.apply(self.index, "o_proj", attn, out)
+        out = self._project(self.o_proj, "o_proj", attn, lora, vectors)
         hidden = hidden + out
         x = self.post_attention_layernorm(hidden)
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
-        if lora is not None:
-            lora.apply(self.index, "gate_proj", x, gate_up[:, :a.intermediate_size])
-            lora.apply(self.index, "up_proj", x, gate_up[:, a.intermediate_size:])
+        gate_up_slices = {"gate_proj": slice(0, a.intermediate_size), "up_proj": slice(a.intermediate_size, None)}
+        if vectors is not None:
+            self._rescale_fused_inputs(vectors, self.gate_up_proj, x, gate_up, gate_up_slices)
+        for target, columns in gate_up_slices.items():
+            if lora is not None:
+                lora.apply(self.index, target, x, gate_up[:, columns])
+            if vectors is not None:
+                vectors.apply_output(self.index, target, gate_up[:, columns])
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        out = self.down_proj(act)
-        if lora is not None:
-            lora.apply(self.index, "down_proj", act, out)
-        return hidden + out
+        return hidden + self._project(self.down_proj, "down_proj", act, lora, vectors)
+
+    def _project(self, proj: nn.Linear, target: str, x: torch.Tensor, lora: LoRAStep | None,
+                 vectors: VectorStep | None) -> torch.Tensor:
+        """An unfused projection with this step's adapters: input scales, the matmul, LoRA, output vectors."""
+        scaled = vectors.scale_input(self.index, target, x) if vectors is not None else x
+        out = proj(scaled)
+        if lora is not None:  # LoRA tokens are never vector tokens: scaled equals x on their rows
+            lora.apply(self.index, target, scaled, out)
+        if vectors is not None:
+            vectors.apply_output(self.index, target, out)
+        return out
+
+    def _rescale_fused_inputs(self, vectors: VectorStep, proj: nn.Linear, x: torch.Tensor, y: torch.Tensor,
+                              slices: dict[str, slice]) -> None:
+        """A fused projection's inputs are shared by its parts, so a part whose input is scaled is
+        recomputed for the vector tasks' tokens alone: y[idx, part] = (x[idx] * s) W_part^T + b_part."""
+        idx = vectors.token_indices
+        for target, columns in slices.items():  # [T, out] columns of y
+            if vectors.scales_input(target):
+                weight = proj.weight[columns]
+                bias = proj.bias[columns] if proj.bias is not None else None
+                y[idx, columns] = F.linear(vectors.scaled_rows(self.index, target, x), weight, bias)
 
 
 class LlamaModel(nn.Module):
@@ -192,13 +260,14 @@ class LlamaModel(nn.Module):
         meta: PagedAttentionMetadata,
         kv_cache: torch.Tensor,  # [num_layers, 2, num_pages, page_size, Hkv, D]
         lora: LoRAStep | None = None,
+        vectors: VectorStep | None = None,
     ) -> torch.Tensor:  # [T, hidden], before the final norm
         dtype = input_embeds.dtype
         cos = self.rope_cos[positions].to(dtype)[:, None, :]  # [T, 1, D]
         sin = self.rope_sin[positions].to(dtype)[:, None, :]
         hidden = input_embeds
         for layer, layer_cache in zip(self.layers, kv_cache):
-            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1], lora)
+            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1], lora, vectors)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

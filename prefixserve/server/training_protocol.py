@@ -75,7 +75,7 @@ class TrainingHyperparameters(BaseModel):
                                   description="Steps between progress evaluations; 0: only at the end")
     warmup_steps: StrictInt | None = Field(
         None, json_schema_extra=_ints(0, MAX_STEPS),
-        description="prefix / prompt / ptuning / lora: steps of linear learning-rate warm-up; null: the kind's "
+        description="prefix / prompt / ptuning / lora / ia3: steps of linear learning-rate warm-up; null: the kind's "
                     "default (prefix: a fifth of the steps, else 0)")
     decay: StrictStr | None = Field(
         None, json_schema_extra=_names("constant", "cosine"),
@@ -92,6 +92,12 @@ class TrainingHyperparameters(BaseModel):
     alpha: StrictFloat = Field(_DEFAULTS.alpha, json_schema_extra=accepts(number={"exclusiveMinimum": 0}))
     targets: list[StrictStr] = Field(list(_DEFAULTS.targets),
                                      json_schema_extra=accepts(array={"minItems": 1, "maxItems": 7}))
+    ia3_targets: list[StrictStr] = Field(
+        list(_DEFAULTS.ia3_targets), description="ia3: the projections a learned vector scales (names as for targets)",
+        json_schema_extra=accepts(array={"minItems": 1, "maxItems": 7, "uniqueItems": True}))
+    ia3_feedforward: list[StrictStr] = Field(
+        list(_DEFAULTS.ia3_feedforward), description="ia3: those of ia3_targets whose input is scaled, not output",
+        json_schema_extra=accepts(array={"maxItems": 7, "uniqueItems": True}))
     intrinsic_dim: StrictInt = Field(_DEFAULTS.intrinsic_dim, json_schema_extra=_ints(1, 1024))
     decoder_hidden: StrictInt = Field(_DEFAULTS.decoder_hidden, json_schema_extra=_ints(1, 16_384))
     mse_weight: StrictFloat = Field(_DEFAULTS.mse_weight, json_schema_extra=accepts(number={"minimum": 0}))

@@ -1,4 +1,4 @@
-"""PEFT trainers (prefix, prompt, ptuning, lora) against the shared frozen backbone.
+"""PEFT trainers (prefix, prompt, ptuning, lora, ia3) against the shared frozen backbone.
 
 A job wraps the worker's one model with peft, trains the adapter's parameters with a plain AdamW
 loop, exports with peft's own save_pretrained, and imports that folder through the same path as a
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from peft import (
+    IA3Config,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -43,9 +44,9 @@ from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample, collate
 from prefixserve.training.evaluate import evaluate, output_nll
 from prefixserve.training.prefix_init import fit_prefix_encoder, real_token_prefix
-from prefixserve.training.spec import Hyperparameters, ProgressEvent, ProgressFn, TrainedAdapter
+from prefixserve.training.spec import Hyperparameters, ProgressEvent, ProgressFn, TrainedAdapter, check_ia3_targets
 
-PEFT_KINDS = ("prefix", "prompt", "ptuning", "lora")
+PEFT_KINDS = ("prefix", "prompt", "ptuning", "lora", "ia3")
 PROMPT_KINDS = ("prefix", "prompt", "ptuning")  # kinds that put num_virtual_tokens in front of every sequence
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MAX_GRAD_NORM = 1.0
@@ -75,6 +76,9 @@ def peft_config(backbone: TrainingBackbone, kind: str, hp: Hyperparameters, init
     if kind == "lora":
         return LoraConfig(task_type=causal, r=hp.rank, lora_alpha=hp.alpha, target_modules=list(hp.targets),
                           lora_dropout=0.0, bias="none")
+    if kind == "ia3":  # vectors start at ones: the untrained adapter is the backbone
+        return IA3Config(task_type=causal, target_modules=list(hp.ia3_targets),
+                         feedforward_modules=list(hp.ia3_feedforward))
     raise TrainingDataError(f"expected a kind among {list(PEFT_KINDS)} for a PEFT trainer, found {kind!r}")
 
 
@@ -90,12 +94,14 @@ def _check_limits(backbone: TrainingBackbone, kind: str, hp: Hyperparameters) ->
     if kind == "lora" and not set(hp.targets) <= set(LORA_TARGETS):
         raise TrainingDataError(f"expected hyperparameters.targets among {list(LORA_TARGETS)}, found "
                                 f"{sorted(set(hp.targets) - set(LORA_TARGETS))}")
+    if kind == "ia3":  # as parse_job_spec does: a Hyperparameters built in code has not been through it
+        check_ia3_targets(hp)
 
 
 @contextlib.contextmanager
 def wrapped(model: torch.nn.Module, make):
-    """`make(model)` -> PeftModel, undone on exit: LoRA injects its layers into the shared model, so
-    they are unloaded again (the original modules and weights come back untouched); prompt kinds only
+    """`make(model)` -> PeftModel, undone on exit: LoRA and IA3 inject their layers into the shared model,
+    so they are unloaded again (the original modules and weights come back untouched); prompt kinds only
     wrap it."""
     peft_model = make(model)
     try:

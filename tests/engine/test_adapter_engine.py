@@ -51,6 +51,16 @@ def lora_artifact(engine, seed, rank=2):
     return artifact(engine, "lora", {"rank": rank, "alpha": 4.0, "use_rslora": False, "targets": ["q_proj"]}, tensors)
 
 
+def ia3_artifact(engine, seed):
+    a = engine.backbone.arch
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"layers.{i}.v_proj.ia3": 1 + torch.randn(a.num_kv_heads * a.head_dim, generator=g)
+               for i in range(a.num_layers)}
+    tensors |= {f"layers.{i}.down_proj.ia3": 1 + torch.randn(a.intermediate_size, generator=g)
+                for i in range(a.num_layers)}
+    return artifact(engine, "ia3", {"targets": ["down_proj", "v_proj"], "feedforward": ["down_proj"]}, tensors)
+
+
 def run(engine, prompt, task):
     return engine.generate([prompt], GREEDY, tasks=[task])[0]
 
@@ -206,6 +216,35 @@ def test_lora_pool_is_a_device_cache(engine):
         engine.step()
     assert all(r.num_output_tokens == 30 for r in pinned)
     assert waiting.output_token_ids == alone["lora-a"].token_ids
+
+
+def test_vector_pool_is_a_device_cache(tiny_backbone):
+    """IA3 tasks take a row each of a pool sized at twice max_num_seqs (here 2): idle ones are
+    evicted, and while pinned requests hold both rows a third task's request waits, then is served
+    exactly as alone; no row leaks."""
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                   scheduler=SchedulerConfig(max_num_seqs=1)))
+    assert engine.runner.vector_pool.max_rows == 2
+    for i, name in enumerate(("ia3-a", "ia3-b", "ia3-c")):
+        engine.register_adapter(name, ia3_artifact(engine, seed=i))
+    prompt = random_prompts([5], seed=6)[0]
+    alone = {name: run(engine, prompt, name) for name in ("ia3-a", "ia3-b", "ia3-c")}
+    assert len({tuple(c.logprobs) for c in alone.values()} | {tuple(run(engine, prompt, None).logprobs)}) == 4
+    assert engine.adapters.device.evictions >= 1
+
+    long = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name) for name in ("ia3-b", "ia3-c")]
+    engine.step()
+    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="ia3-a")
+    for _ in range(5):
+        engine.step()
+        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # both rows are pinned
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.num_output_tokens == 12 for r in pinned)
+    assert waiting.output_token_ids == alone["ia3-a"].token_ids
+    resident = sum(h.vectors is not None for h in engine.adapters.device.resident.values())
+    assert engine.runner.vector_pool.num_free_rows + resident == 2
 
 
 def test_weighted_tenant_shares_hold_while_loras_drain_and_evict(tiny_backbone, monkeypatch):

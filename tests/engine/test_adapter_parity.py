@@ -42,11 +42,11 @@ def check_parity(base, backbone, adapters, prompts):
         artifact = engine.register_adapter(name, import_peft(folder, arch=backbone.arch,
                                                              fingerprint=engine.adapters.fingerprint,
                                                              limits=engine.config.adapters))
-        assert artifact.kind in ("prefix", "prompt", "lora")
+        assert artifact.kind in ("prefix", "prompt", "lora", "ia3")
     subspace, intrinsic, ipt_reference = intrinsic_case(base, engine.adapters.fingerprint)
     engine.register_adapter("ipt-subspace", subspace)
     assert engine.register_adapter("ipt", intrinsic).kind == "intrinsic"
-    adapters = {**adapters, "ipt": (ipt_reference, None)}  # ten tasks of every kind, plus the plain backbone
+    adapters = {**adapters, "ipt": (ipt_reference, None)}  # twelve tasks of every kind, plus the plain backbone
     jobs = [(name, prompts[i % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(name, prompts[(i + 1) % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(None, prompts[0]), ("base", prompts[-1])]

@@ -207,6 +207,36 @@ def test_a_running_then_failed_job_reads_back_with_progress_metrics_and_error(li
                                       "message": "examples[3]: too long for max_length 128"}
 
 
+def test_an_ia3_job_reaches_the_worker_with_its_projections_and_its_fields_are_strict(limited):
+    server, keys, queue = limited
+    hyperparameters = {"steps": 5, "ia3_targets": ["q_proj", "up_proj"], "ia3_feedforward": ["up_proj"]}
+    with client(server, keys, "fay") as fay:
+        resp = fay.post("/v1/training/jobs", json={**JOB, "task": "scaled", "kind": "ia3",
+                                                   "hyperparameters": hyperparameters})
+        assert resp.status_code == 201 and resp.json()["kind"] == "ia3", resp.text
+        claim = queue.claim("test-worker")
+        while claim.record.id != resp.json()["id"]:  # older jobs of other tests come first
+            claim = queue.claim("test-worker")
+        hp = claim.spec.hyperparameters
+        assert (hp.ia3_targets, hp.ia3_feedforward) == (("q_proj", "up_proj"), ("up_proj",))
+        queue.fail(claim, TrainingDataError("stopped by the test"))
+        cases = [
+            ({"ia3_target": ["q_proj"]}, "hyperparameters.ia3_target: Extra inputs are not permitted"),
+            ({"ia3_targets": "q_proj"}, "hyperparameters.ia3_targets: Input should be a valid list"),
+            ({"ia3_feedforward": [1]}, "hyperparameters.ia3_feedforward.0: Input should be a valid string"),
+        ]
+        before = len(queue.list_jobs("fay"))
+        for bad, message in cases:
+            resp = fay.post("/v1/training/jobs", json={**JOB, "kind": "ia3", "hyperparameters": bad})
+            assert resp.status_code == 400 and resp.json()["error"]["message"] == message, (bad, resp.text)
+        # Well-typed but not servable: parse_job_spec's message, naming the field.
+        unscaled = {**JOB, "kind": "ia3", "hyperparameters": {"ia3_targets": ["lm_head"]}}
+        resp = fay.post("/v1/training/jobs", json=unscaled)
+        message = resp.json()["error"]["message"]
+        assert resp.status_code == 400 and "expected hyperparameters.ia3_targets among" in message, resp.text
+        assert len(queue.list_jobs("fay")) == before
+
+
 def _documented(model, name: str) -> dict:
     schema = model.model_json_schema()["properties"][name]
     return next((branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"), schema)

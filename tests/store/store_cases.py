@@ -49,6 +49,12 @@ def valid_parts(kind: str, arch: LlamaArch = TINY_ARCH, seed: int = 0, dtype=tor
                 tensors[f"layers.{i}.{t}.lora_a"] = rand(r, fan_in)
                 tensors[f"layers.{i}.{t}.lora_b"] = rand(fan_out, r)
         return {"rank": r, "alpha": 8.0, "use_rslora": False, "targets": sorted(LORA_TARGETS)}, tensors
+    if kind == "ia3":  # output scales on k, v; down_proj's input (peft's default for Llama)
+        features, tensors = lora_features(arch), {}
+        for i in range(L):
+            for t, side in (("k_proj", 1), ("v_proj", 1), ("down_proj", 0)):
+                tensors[f"layers.{i}.{t}.ia3"] = 1 + 0.3 * rand(features[t][side])
+        return {"targets": ["down_proj", "k_proj", "v_proj"], "feedforward": ["down_proj"]}, tensors
     raise ValueError(kind)
 
 

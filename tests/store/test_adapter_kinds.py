@@ -12,7 +12,7 @@ from prefixserve.errors import AdapterError
 
 
 def test_every_kind_is_a_registered_class():
-    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora"}
+    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora", "ia3"}
     assert all(issubclass(k, AdapterKind) and KINDS[k.name] is k for k in KINDS.values())
 
 
@@ -72,3 +72,37 @@ def test_lora_may_adapt_a_subset_of_layers_and_targets():
     config, tensors = valid_parts("lora")
     subset = {n: t for n, t in tensors.items() if (n.startswith("layers.1.") and ".q_proj." in n) or ".v_proj." in n}
     get_kind("lora").validate({**config, "targets": ["q_proj", "v_proj"]}, subset, TINY_ARCH, None)
+
+
+def test_ia3_vectors_say_where_they_multiply():
+    config, tensors = valid_parts("ia3")
+    vectors = get_kind("ia3").vectors(config, tensors)
+    assert {(target, mode) for _, target, mode in vectors} == {("k_proj", "scale_out"), ("v_proj", "scale_out"),
+                                                               ("down_proj", "scale_in")}
+    assert vectors[(1, "down_proj", "scale_in")].shape == (TINY_ARCH.intermediate_size,)  # down_proj's input
+
+
+IA3_REFUSED = {
+    # id: (config changes, tensors edit, message regex)
+    "feedforward_not_a_target": ({"feedforward": ["down_proj", "q_proj"]}, None,
+                                 r"feedforward to be among targets .*found \['down_proj', 'q_proj'\]"),
+    "unsorted_targets": ({"targets": ["v_proj", "k_proj", "down_proj"]}, None, r"targets as a sorted list"),
+    "unknown_target": ({"targets": ["down_proj", "k_proj", "lm_head"]}, None,
+                       r"found \['down_proj', 'k_proj', 'lm_head'\]"),
+    "targets_disagree": ({"targets": ["down_proj", "k_proj"]}, None,
+                         r"config targets to list the scaled projections \['down_proj', 'k_proj', 'v_proj'\]"),
+    # an output-sized vector on a feedforward target (down_proj scales its 128 inputs, not its 64 outputs)
+    "wrong_side": ({}, lambda t: {**t, "layers.0.down_proj.ia3": torch.ones(64)},
+                   r"layers.0.down_proj.ia3 of shape \[128\], found \[64\]"),
+    "layer_out_of_range": ({}, lambda t: {**t, "layers.7.k_proj.ia3": torch.ones(32)}, r"layer indices 0..1"),
+    "stray_tensor": ({}, lambda t: {**t, "layers.0.k_proj.lora_a": torch.ones(2, 64)},
+                     r"unexpected \['layers.0.k_proj.lora_a'\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IA3_REFUSED))
+def test_ia3_refuses_what_it_cannot_serve(case):
+    changes, edit, message = IA3_REFUSED[case]
+    config, tensors = valid_parts("ia3")
+    with pytest.raises(AdapterError, match=message):
+        get_kind("ia3").validate({**config, **changes}, edit(tensors) if edit else tensors, TINY_ARCH, None)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import (
     IA3Config,
+    LoHaConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -157,6 +158,37 @@ def test_lora_on_some_layers_only(tmp_path, fingerprint):
     assert artifact.config["targets"] == ["down_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("targets, feedforward", [(["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+                                                  (r".*\.(q_proj|up_proj|o_proj)", r".*\.(q_proj|up_proj)")],
+                         ids=["default", "regex_inputs"])
+@torch.inference_mode()
+def test_ia3_vectors_are_what_peft_multiplies(targets, feedforward, tmp_path, fingerprint):
+    config = IA3Config(task_type=CAUSAL_LM, target_modules=targets, feedforward_modules=feedforward)
+    trained = save_peft(tmp_path, config)
+    # trained vectors, not peft's ones: a transposed or misplaced vector must show
+    saved = {k: torch.rand_like(v) + 0.5 for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    save_file(saved, tmp_path / "adapter_model.safetensors")
+    artifact = import_and_decode(tmp_path, fingerprint)
+    inputs = ["down_proj"] if isinstance(feedforward, list) else ["q_proj", "up_proj"]
+    assert artifact.config == {"targets": sorted(targets if isinstance(targets, list) else ["q_proj", "up_proj",
+                                                                                              "o_proj"]),
+                               "feedforward": inputs}
+    for layer in range(TINY_ARCH.num_layers):
+        for target in artifact.config["targets"]:
+            module = _projection(trained.base_model.model, layer, target)
+            assert module.is_feedforward == (target in inputs)
+            part = "self_attn" if target in ATTENTION else "mlp"
+            expected = saved[f"base_model.model.model.layers.{layer}.{part}.{target}.ia3_l"].flatten()
+            features = module.in_features if module.is_feedforward else module.out_features
+            assert artifact.tensors[f"layers.{layer}.{target}.ia3"].shape == (features,)
+            torch.testing.assert_close(artifact.tensors[f"layers.{layer}.{target}.ia3"], expected, rtol=0, atol=0)
+
+
+def _ia3(**options):
+    return IA3Config(task_type=CAUSAL_LM, target_modules=["k_proj", "v_proj", "down_proj"],
+                     feedforward_modules=["down_proj"], **options)
+
+
 def _lora(**options):
     return LoraConfig(task_type=CAUSAL_LM, r=4, target_modules=ATTENTION, init_lora_weights=False, **options)
 
@@ -205,8 +237,18 @@ REFUSED = {
     "pissa": (_edited(_lora(), init_lora_weights="pissa_niter_4"), LIMITS,
               r"found 'pissa_niter_4': re-save with save_pretrained\(path_initial_model_for_weight_conversion"),
     "seq_cls": (_edited(_lora(), task_type="SEQ_CLS"), LIMITS, r"task_type CAUSAL_LM .*found 'SEQ_CLS'"),
-    "ia3": (_saved(IA3Config(task_type=CAUSAL_LM)), LIMITS,
-            r"type \['LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING'\], found 'IA3'"),
+    "loha": (_saved(LoHaConfig(task_type=CAUSAL_LM, target_modules=["q_proj"])), LIMITS,
+             r"type \['IA3', 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING'\], found 'LOHA'"),
+    "ia3_fan_in_fan_out": (_edited(_ia3(), fan_in_fan_out=True), LIMITS, r"fan_in_fan_out unset, found True"),
+    "ia3_feedforward_disagrees": (_edited(_ia3(), feedforward_modules=["down_proj", "k_proj"]), LIMITS,
+                                  r"feedforward_modules \['down_proj', 'k_proj'\] to be shaped \[1, in_features\] "
+                                  r"and only theirs, found that shape on \['down_proj'\]"),
+    "ia3_lm_head": (_saved(IA3Config(task_type=CAUSAL_LM, target_modules=["v_proj", "lm_head"],
+                                     feedforward_modules=[])), LIMITS,
+                    r"only IA3 vectors .* in decoder layers, found 2 others, e.g. 'base_model.model.lm_head"),
+    "ia3_other_hidden": (_saved(_ia3(), hidden_size=128), LIMITS,
+                         r"layers.0.[kv]_proj.ia3 of shape \[32\], found \[64\]"),
+    "ia3_modules_to_save": (_saved(_ia3(modules_to_save=["lm_head"])), LIMITS, r"no modules_to_save"),
     "nan": (_with_nan, LIMITS, r"finite values in tensor 'layers.0.k_proj.lora_a', found 1 NaN/Inf"),
     # finite in float64 (where JSON and Python hold it), but alpha / r overflows the engine's float32
     "lora_alpha_overflows": (_edited(_lora(), lora_alpha=1e308), LIMITS,

@@ -82,6 +82,8 @@ def test_bad_field_is_named(raw, names):
     {"task": "acme/sub", "kind": "subspace", "sources": [{"task": "acme/a", "suite_task": "made_up_color"},
                                                          {"task": "acme/b", "examples": EXAMPLES}]},
     {"task": "acme/z", "kind": "intrinsic", "suite_task": "word_size", "hyperparameters": {"subspace": "acme/sub"}},
+    {"task": "acme/s", "kind": "ia3", "suite_task": "word_size",
+     "hyperparameters": {"ia3_targets": ["up_proj", "q_proj"], "ia3_feedforward": ["up_proj"]}},
 ])
 def test_valid_spec_round_trips_through_json(raw):
     spec = parse_job_spec(raw)
@@ -97,7 +99,7 @@ def test_defaults():
                                                            warmup_steps=0, decay="constant"))
 
 
-@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "intrinsic"])
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "ia3", "intrinsic"])
 def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
     extra = {"subspace": "acme/sub"} if kind == "intrinsic" else {}
     assert parse_job_spec(valid(kind=kind, hyperparameters=extra)).hyperparameters.learning_rate == \
@@ -108,9 +110,53 @@ def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
 
 
 @pytest.mark.parametrize("kind, warmup_steps, decay", [("prefix", 20, "cosine"), ("prompt", 0, "constant"),
-                                                       ("lora", 0, "constant")])
+                                                       ("lora", 0, "constant"), ("ia3", 0, "constant")])
 def test_a_spec_without_a_schedule_gets_its_kinds_and_keeps_a_given_one(kind, warmup_steps, decay):
     hp = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100})).hyperparameters
     assert (hp.warmup_steps, hp.decay) == (warmup_steps, decay)
     given = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100, "warmup_steps": 7, "decay": "constant"}))
     assert (given.hyperparameters.warmup_steps, given.hyperparameters.decay) == (7, "constant")
+
+
+def ia3(**hyperparameters) -> dict:
+    return valid(kind="ia3", hyperparameters=hyperparameters)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (ia3(ia3_targets=[]), "expected hyperparameters.ia3_targets a non-empty list of distinct projection names, "
+                          "found []"),
+    (ia3(ia3_targets="k_proj"), "expected hyperparameters.ia3_targets a non-empty list"),
+    (ia3(ia3_targets=["k_proj", "k_proj"]), "expected hyperparameters.ia3_targets a non-empty list of distinct"),
+    (ia3(ia3_targets=["k_proj", 3]), "expected hyperparameters.ia3_targets a non-empty list"),
+    (ia3(ia3_targets=["k_proj", "lm_head"]), "expected hyperparameters.ia3_targets among ['q_proj', 'k_proj', "
+                                             "'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], found "
+                                             "['lm_head']"),
+    (ia3(ia3_feedforward=["mlp.down_proj"]), "expected hyperparameters.ia3_feedforward among ['q_proj'"),
+    (ia3(ia3_feedforward=["down_proj", "down_proj"]), "expected hyperparameters.ia3_feedforward a list of distinct"),
+    (ia3(ia3_targets=["k_proj", "v_proj"], ia3_feedforward=["v_proj", "up_proj"]),
+     "expected hyperparameters.ia3_feedforward to be among ia3_targets ['k_proj', 'v_proj'], found ['up_proj'] "
+     "outside them"),
+    # The default feedforward projection must be a target too: a client dropping it is told how to say none.
+    (ia3(ia3_targets=["q_proj", "v_proj"]), "found ['down_proj'] outside them (its default is ['down_proj']; [] "
+                                            "scales only outputs)"),
+])
+def test_ia3_projections_are_ones_the_server_scales(raw, message):
+    with pytest.raises(TrainingDataError) as e:
+        parse_job_spec(raw)
+    assert message in e.value.message and e.value.status_code == 400
+
+
+def test_ia3_defaults_are_peft_s_for_llama_and_other_kinds_ignore_them():
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    )
+
+    hp = parse_job_spec(ia3()).hyperparameters
+    assert list(hp.ia3_targets) == TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["llama"]
+    assert list(hp.ia3_feedforward) == TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["llama"]
+    only_outputs = parse_job_spec(ia3(ia3_targets=["q_proj"], ia3_feedforward=[])).hyperparameters
+    assert (only_outputs.ia3_targets, only_outputs.ia3_feedforward) == (("q_proj",), ())
+    # What only an ia3 job reads is not an error in another kind's spec (as lora's rank is not in a prompt's).
+    assert parse_job_spec(valid(hyperparameters={"ia3_targets": ["q_proj"]})).hyperparameters.ia3_targets == \
+        ("q_proj",)

@@ -25,7 +25,7 @@ from prefixserve.training.runner import run_job
 from prefixserve.training.spec import Hyperparameters, JobSpec, parse_job_spec
 from prefixserve.training.trainers import CHECKPOINT_NAME, learning_rate_at, train_peft
 
-KINDS = ("prompt", "prefix", "ptuning", "lora")
+KINDS = ("prompt", "prefix", "ptuning", "lora", "ia3")
 TOY = [{"input": f"word {w}", "output": o} for w, o in [("apple", "yes"), ("sky", "no"), ("grass", "yes"),
                                                          ("snow", "no")]]
 UNSEEN = [{"input": w, "output": "?"} for w in ("word moon", "hello there", "1 2 3", "a longer sentence here")]
@@ -35,7 +35,10 @@ HP = {"prompt": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, num_v
                                 eval_max_new_tokens=6),
       "ptuning": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, num_virtual_tokens=4, encoder_hidden=32,
                                  eval_max_new_tokens=6),
-      "lora": Hyperparameters(steps=30, batch_size=4, learning_rate=0.01, rank=4, alpha=8.0, eval_max_new_tokens=6)}
+      "lora": Hyperparameters(steps=30, batch_size=4, learning_rate=0.01, rank=4, alpha=8.0, eval_max_new_tokens=6),
+      # not peft's defaults, unsorted, and a feedforward target in attention and in the MLP
+      "ia3": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, ia3_targets=("v_proj", "q_proj", "up_proj",
+                             "down_proj"), ia3_feedforward=("up_proj", "q_proj"), eval_max_new_tokens=6)}
 
 
 def record(events):
@@ -54,12 +57,13 @@ def toy(backbone):
 
 @pytest.fixture(scope="module")
 def probe(backbone):
-    """Logits of the plain model on a fixed input, and its module layout, before any job ran."""
+    """Logits of the plain model on a fixed input, its module layout and weights, before any job ran."""
     ids = torch.tensor([backbone.tokenizer(format_prompt("word apple")).input_ids])
     with torch.no_grad():
         logits = backbone.model(input_ids=ids).logits.clone()
     layout = [(name, type(m).__name__) for name, m in backbone.model.named_modules()]
-    return ids, logits, layout
+    weights = {name: t.clone() for name, t in backbone.model.state_dict().items()}
+    return ids, logits, layout, weights
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +112,13 @@ def test_kind_learns_the_toy_task_and_exports_a_servable_artifact(kind, trained,
     assert result.metrics["eval_loss"] < first / 2 and 0 <= result.metrics["exact_match"] <= 1
     assert all(math.isfinite(v) for v in result.metrics.values())
     assert (work_dir / "peft" / "adapter_model.safetensors").is_file() and (work_dir / CHECKPOINT_NAME).is_file()
-    # The shared model is exactly as before: same modules, bitwise the same logits.
-    ids, logits, layout = probe
+    # The shared model is exactly as before: same modules and weights, frozen, bitwise the same logits.
+    ids, logits, layout, weights = probe
     assert [(name, type(m).__name__) for name, m in backbone.model.named_modules()] == layout
     assert not hasattr(backbone.model, "peft_config")
+    state = backbone.model.state_dict()
+    assert list(state) == list(weights) and all(torch.equal(state[name], w) for name, w in weights.items())
+    assert not any(p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
     with torch.no_grad():
         assert torch.equal(backbone.model(input_ids=ids).logits, logits)
 
@@ -143,6 +150,23 @@ def test_engine_serves_what_evaluation_predicted(kind, trained, backbone, engine
     assert served_em == result.metrics["exact_match"]
 
 
+def test_ia3_artifact_scales_the_requested_projections(trained, backbone):
+    """peft's vectors land where the engine applies them: an input-sized one for a feedforward target
+    (its input is scaled), an output-sized one for the rest, in every layer."""
+    artifact = decode_artifact(trained("ia3")[0].artifact, expected_fingerprint=backbone.fingerprint,
+                               limits=backbone.limits, arch=backbone.arch)
+    assert artifact.config == {"targets": ["down_proj", "q_proj", "up_proj", "v_proj"],
+                               "feedforward": ["q_proj", "up_proj"]}
+    arch = backbone.arch  # up_proj is [hidden -> intermediate], down_proj the other way, v_proj narrower
+    assert arch.intermediate_size != arch.hidden_size != arch.num_kv_heads * arch.head_dim
+    expected = {"q_proj": arch.hidden_size, "up_proj": arch.hidden_size, "v_proj": arch.num_kv_heads * arch.head_dim,
+                "down_proj": arch.hidden_size}
+    assert {name: tuple(t.shape) for name, t in artifact.tensors.items()} == {
+        f"layers.{i}.{target}.ia3": (size,) for i in range(arch.num_layers)
+        for target, size in expected.items()}
+    assert all(not torch.equal(t, torch.ones_like(t)) for t in artifact.tensors.values())  # trained away from 1
+
+
 def test_resume_from_checkpoint_gives_the_same_artifact(backbone, toy, tmp_path):
     hp = Hyperparameters(steps=12, batch_size=2, learning_rate=0.05, num_virtual_tokens=3, encoder="lstm",
                          encoder_hidden=16, warmup_steps=3, decay="cosine")  # the schedule resumes too
@@ -172,6 +196,28 @@ def test_resume_from_checkpoint_gives_the_same_artifact(backbone, toy, tmp_path)
     assert events[0].step == 1
 
 
+def test_ia3_resumes_from_checkpoint_to_the_same_artifact(backbone, toy, probe, tmp_path):
+    hp = Hyperparameters(steps=12, batch_size=2, learning_rate=0.05, warmup_steps=3, decay="cosine")  # peft's targets
+    whole = train_peft(backbone, "ia3", toy, [], hp, 5, lambda e: None, tmp_path / "whole")
+
+    def stop_at_7(event):
+        if event.step == 7:
+            raise KeyboardInterrupt("worker killed")
+    with pytest.raises(KeyboardInterrupt):
+        train_peft(backbone, "ia3", toy, [], hp, 5, stop_at_7, tmp_path / "resumed")
+    assert not hasattr(backbone.model, "peft_config")  # the killed job's vectors were unloaded
+    checkpoint = load_file(tmp_path / "resumed" / CHECKPOINT_NAME)
+    params = sorted(name for name in checkpoint if name.startswith("param."))
+    assert len(params) == 3 * backbone.arch.num_layers and all(".ia3_l." in name for name in params)
+    assert any(name.startswith("adam.exp_avg_sq.") for name in checkpoint)
+    events = []
+    resumed = train_peft(backbone, "ia3", toy, [], hp, 5, record(events), tmp_path / "resumed")
+    assert events[0].step == 7  # continued after the step-6 checkpoint, not from scratch
+    assert resumed.artifact == whole.artifact
+    state = backbone.model.state_dict()
+    assert all(torch.equal(state[name], w) for name, w in probe[3].items())
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     hp = Hyperparameters(steps=10, learning_rate=1.0, warmup_steps=4, decay="cosine")
     rates = [learning_rate_at(hp, step) for step in range(1, 11)]
@@ -196,11 +242,11 @@ def test_divergence_fails_without_an_artifact(backbone, toy, tmp_path):
     with torch.no_grad():  # a token every prompt ends with ("Answer") now embeds to inf: the loss is NaN
         poisoned.get_input_embeddings().weight[toy[0].prompt_ids[-2]] = float("inf")
     broken = dataclasses.replace(backbone, model=poisoned)
-    for kind in ("lora", "prompt"):
+    for kind in ("lora", "ia3", "prompt"):
         with pytest.raises(TrainingFailedError, match="diverged at step 1: the loss is nan"):
             train_peft(broken, kind, toy, toy, HP[kind], 0, lambda e: None, tmp_path / kind)
         assert not (tmp_path / kind / "peft").exists()
-    assert not hasattr(poisoned, "peft_config")  # LoRA was unloaded even though the job failed
+    assert not hasattr(poisoned, "peft_config")  # LoRA and IA3 were unloaded even though the jobs failed
 
 
 def spec(kind="prompt", **fields) -> JobSpec:
@@ -228,6 +274,19 @@ def test_run_job_reports_baselines_a_card_and_progress_evals(backbone, tmp_path)
     assert card["hyperparameters"]["steps"] == 2 and metrics[f"{card['best_baseline']}_exact_match"] == max(
         metrics[key] for key in baselines)
     assert card["baselines_skipped"] == {}
+
+
+def test_run_job_trains_ia3_with_the_whole_context_and_cards_it(backbone, tmp_path):
+    # num_virtual_tokens beyond the context fails a prompt job (below); ia3 puts no tokens in front, ignores it
+    job = spec("ia3", hyperparameters={"steps": 2, "batch_size": 2, "num_virtual_tokens": 300, "max_length": 32,
+                                       "ia3_targets": ["o_proj", "gate_proj"], "ia3_feedforward": []})
+    result = run_job(job, backbone, LocalStore(tmp_path / "store"), lambda e: None, tmp_path / "job")
+    assert result.kind == "ia3" and result.card["kind"] == "ia3"
+    assert list(result.card["hyperparameters"]["ia3_targets"]) == ["o_proj", "gate_proj"]
+    arch = backbone.arch  # o_proj's output is hidden-sized, gate_proj's intermediate-sized
+    assert result.card["num_parameters"] == arch.num_layers * (arch.hidden_size + arch.intermediate_size)
+    assert result.metrics["lift_over_best_baseline"] == result.metrics["exact_match"] - result.metrics[
+        "best_baseline_exact_match"]
 
 
 def test_the_instruction_is_validated(tmp_path):
@@ -258,6 +317,10 @@ def test_run_job_bad_data_names_the_example(backbone, tmp_path):
     with pytest.raises(TrainingDataError, match=r"hyperparameters.targets among .* found \['lm_head'\]"):
         run_job(spec("lora", hyperparameters={"targets": ["q_proj", "lm_head"]}), backbone, store, lambda e: None,
                 tmp_path / "job")
+    # A spec built in code, not parsed: the trainer refuses what the server could not scale.
+    unparsed = dataclasses.replace(spec("ia3"), hyperparameters=Hyperparameters(ia3_targets=("q_proj", "lm_head")))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.ia3_targets among .* found \['lm_head'\]"):
+        run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
     assert store.list_tasks() == {}
 
 

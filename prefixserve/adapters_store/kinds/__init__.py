@@ -9,6 +9,7 @@ engine's `DeviceTarget`, so the engine holds no per-kind branches.
 """
 
 from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors
+from prefixserve.adapters_store.kinds.ia3 import IA3Kind
 from prefixserve.adapters_store.kinds.intrinsic import IntrinsicKind
 from prefixserve.adapters_store.kinds.lora import LORA_TARGETS, LoRAKind, lora_features
 from prefixserve.adapters_store.kinds.prefix import PrefixKind
@@ -17,7 +18,7 @@ from prefixserve.adapters_store.kinds.subspace import SubspaceKind
 from prefixserve.errors import AdapterError
 
 KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (PrefixKind, PromptKind, SubspaceKind, IntrinsicKind,
-                                                            LoRAKind)}
+                                                            LoRAKind, IA3Kind)}
 
 
 def get_kind(name: str) -> type[AdapterKind]:
@@ -27,5 +28,5 @@ def get_kind(name: str) -> type[AdapterKind]:
     return kind
 
 
-__all__ = ["KINDS", "LORA_TARGETS", "AdapterKind", "DeviceTarget", "IntrinsicKind", "LoRAKind", "PrefixKind",
+__all__ = ["KINDS", "LORA_TARGETS", "AdapterKind", "DeviceTarget", "IA3Kind", "IntrinsicKind", "LoRAKind", "PrefixKind",
            "PromptKind", "Shape", "SubspaceKind", "Tensors", "get_kind", "lora_features"]

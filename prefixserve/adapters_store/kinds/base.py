@@ -41,6 +41,11 @@ class DeviceTarget(Protocol):
                      rank: int) -> Any:
         """(layer, target) -> (A [r, in], B [out, r]) into the LoRA pool."""
 
+    def install_vectors(self, vectors: dict[tuple[int, str, str], torch.Tensor]) -> Any:
+        """(layer, target, mode) -> a vector over the projection's input ("scale_in": multiplies it
+        before the matmul) or output ("scale_out": multiplies it; "shift_out": adds to it), into the
+        vector pool (engine/vector_pool.py)."""
+
 
 class AdapterKind:
     """Base of every kind. Subclasses set `name` and `config_schema` and implement `_check`."""

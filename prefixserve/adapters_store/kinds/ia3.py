@@ -1,0 +1,69 @@
+"""IA3 ((IA)^3, T-Few): learned vectors that rescale chosen projections, as peft applies them: a
+projection's output times its vector, or for a `feedforward` projection its input times the vector
+before the matmul. Initialised at ones, so the untrained task is the backbone."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors, check_tensors
+from prefixserve.adapters_store.kinds.lora import LORA_TARGETS, lora_features
+from prefixserve.errors import AdapterError
+
+if TYPE_CHECKING:
+    from prefixserve.adapters_store.artifact import Artifact
+
+_IA3_NAME = re.compile(r"layers\.(\d+)\.(" + "|".join(LORA_TARGETS) + r")\.ia3")
+
+
+class IA3Kind(AdapterKind):
+    """`layers.{i}.{target}.ia3`: [in_features] for a feedforward target (scales its input), else
+    [out_features] (scales its output). Layers without a vector are left as they are."""
+
+    name = "ia3"
+    config_schema = {"targets": list, "feedforward": list}
+
+    @classmethod
+    def vectors(cls, config: dict, tensors: Tensors) -> dict[tuple[int, str, str], Any]:
+        """(layer, target, "scale_in" | "scale_out") -> the vector, of a validated artifact."""
+        feedforward = set(config["feedforward"])
+        out = {}
+        for name, vector in tensors.items():
+            match = _IA3_NAME.fullmatch(name)
+            layer, target = int(match[1]), match[2]
+            out[(layer, target, "scale_in" if target in feedforward else "scale_out")] = vector
+        return out
+
+    @classmethod
+    def compile(cls, artifact: Artifact, device: DeviceTarget) -> Any:
+        return device.install_vectors(cls.vectors(artifact.config, artifact.tensors))
+
+    @classmethod
+    def _check(cls, config, tensors, arch, limits):
+        targets, feedforward = config["targets"], config["feedforward"]
+        for field, names in (("targets", targets), ("feedforward", feedforward)):
+            if (not all(isinstance(t, str) for t in names) or names != sorted(set(names))
+                    or not set(names) <= set(LORA_TARGETS)):
+                raise AdapterError(f"ia3: expected {field} as a sorted list of distinct names from "
+                                   f"{list(LORA_TARGETS)}, found {names}")
+        if not set(feedforward) <= set(targets):
+            raise AdapterError(f"ia3: expected feedforward to be among targets {targets}, found {feedforward}")
+        features = lora_features(arch) if arch else {}
+        expected: dict[str, Shape] = {}
+        for name in tensors:
+            match = _IA3_NAME.fullmatch(name)
+            if match is None:
+                continue  # reported as unexpected by check_tensors
+            layer, target = int(match[1]), match[2]
+            if arch and layer >= arch.num_layers:
+                raise AdapterError(f"ia3: expected layer indices 0..{arch.num_layers - 1}, found {name!r}")
+            fan_in, fan_out = features.get(target, (None, None))
+            expected[name] = (fan_in if target in feedforward else fan_out,)
+        if not expected:
+            raise AdapterError(f"ia3: expected tensors named layers.<i>.<target>.ia3, found {sorted(tensors)[:8]}")
+        check_tensors(cls.name, tensors, expected)
+        found_targets = sorted({name.split(".")[2] for name in expected})
+        if found_targets != targets:
+            raise AdapterError(f"ia3: expected config targets to list the scaled projections {found_targets}, "
+                               f"found {targets}")
