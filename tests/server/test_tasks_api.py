@@ -40,12 +40,13 @@ def generate(client, task):
     return resp.json()
 
 
-def test_peft_archive_upload_is_served_like_peft(client, server, smollm2_hf, smollm2_dir, tmp_path):
-    peft_model = make_peft_adapter(smollm2_hf, peft_configs(smollm2_dir)["prefix"], tmp_path / "prefix", seed=3)
-    resp = upload(client, "support", tar_gz(tmp_path / "prefix"), "support.tar.gz")
+@pytest.mark.parametrize("case, kind", [("prefix", "prefix"), ("ia3-default", "ia3")])
+def test_peft_archive_upload_is_served_like_peft(case, kind, client, server, smollm2_hf, smollm2_dir, tmp_path):
+    peft_model = make_peft_adapter(smollm2_hf, peft_configs(smollm2_dir)[case], tmp_path / case, seed=3)
+    resp = upload(client, f"support-{kind}", tar_gz(tmp_path / case), "support.tar.gz")
     assert resp.status_code == 201, resp.text
-    assert resp.json()["kind"] == "prefix" and len(resp.json()["version"]) == 64
-    served = generate(client, "support")
+    assert resp.json()["kind"] == kind and len(resp.json()["version"]) == 64
+    served = generate(client, f"support-{kind}")
     prompt_ids = server[1].backbone.tokenizer(PROMPT).input_ids
     assert served["token_ids"] == peft_greedy(peft_model, prompt_ids, GREEDY["max_new_tokens"])
     assert served["token_ids"] != generate(client, None)["token_ids"]
