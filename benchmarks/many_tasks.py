@@ -9,8 +9,8 @@ names), so setup is not timed; the server learns each task at its first request 
 from the store. Kinds: lora8 / lora64 (rank 8 / 64, alpha 16, on q,k,v,o of every layer), prefix,
 prompt (16 virtual tokens), ptuning (stored as a prompt, as PEFT saves it: the prompt encoder's
 output, converted by import_peft), intrinsic (z over one shared random IPT subspace, 16 virtual
-tokens), ia3 (scales on k, v and down_proj's input, peft's default for Llama), mixed (tasks cycle
-through lora8, prefix, prompt, intrinsic, ia3). Weights are random and
+tokens), ia3 (scales on k, v and down_proj's input, peft's default for Llama), bitfit (biases on all
+seven projections), mixed (tasks cycle through lora8, prefix, prompt, intrinsic, ia3, bitfit). Weights are random and
 small; every task is distinct. Before measuring, one task of each kind must change the greedy
 output (tokens or logprobs) against the backbone, so an ignored task cannot flatter the numbers.
 
@@ -55,8 +55,8 @@ from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 from prefixserve.models.loader import load_backbone
 
-KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "mixed")
-MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3")
+KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "bitfit", "mixed")
+MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3", "bitfit")
 NUM_VIRTUAL_TOKENS = 16
 INTRINSIC_DIM = 16
 LORA_TARGETS = ("k_proj", "o_proj", "q_proj", "v_proj")  # sorted, as the lora kind's config lists them
@@ -98,6 +98,11 @@ class TaskFactory:
                                                 {"z": self._randn(INTRINSIC_DIM)}, self.fingerprint)
         if kind == "ia3":
             return "ia3", self._ia3()
+        if kind == "bitfit":  # biases of the parity tests' magnitude, on every projection's output
+            features = lora_features(a)
+            tensors = {f"layers.{layer}.{t}.bias": self._randn(features[t][1], scale=0.02)
+                       for layer in range(a.num_layers) for t in sorted(features)}
+            return "bitfit", encode_artifact("bitfit", {"targets": sorted(features)}, tensors, self.fingerprint)
         raise ValueError(f"expected a kind among {KINDS[:-1]}, found {kind!r}")
 
     def _ia3(self) -> bytes:

@@ -1,7 +1,9 @@
-"""PEFT adapters made by peft itself, for parity tests: one factory per served configuration."""
+"""PEFT adapters made by peft itself, for parity tests: one factory per served configuration; and
+references for the kinds peft has no type for (BitFit: `BiasHooks`), called as a PeftModel is."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -74,8 +76,58 @@ def make_peft_adapter(base, config, out_dir: Path, seed: int) -> PeftModel:
     return PeftModel.from_pretrained(own_base(), out_dir).eval()
 
 
+class BiasHooks:
+    """BitFit's reference: the transformers model with each bias added to its projection's output by a
+    forward hook on that nn.Linear. The hooks are on only while this reference is called, so the base it
+    shares with other references (and plain-backbone ones) is the bare model between calls. Called and
+    disabled (`disable_adapter`) as a PeftModel is, so the helpers below take either."""
+
+    adapter_type = "BITFIT"
+
+    def __init__(self, base, biases: dict[tuple[int, str], torch.Tensor]):
+        self.base, self.biases = base, biases  # (layer, target) -> [out_features]
+
+    def __call__(self, **inputs):
+        handles = []
+        try:
+            for (layer, target), bias in self.biases.items():
+                block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                linear = self.base.get_submodule(f"model.layers.{layer}.{block}.{target}")
+                handles.append(linear.register_forward_hook(lambda module, args, output, bias=bias: output + bias))
+            return self.base(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        biases, self.biases = self.biases, {}
+        try:
+            yield
+        finally:
+            self.biases = biases
+
+
+def bitfit_case(base, fingerprint: dict, scale: float, seed: int = 91) -> tuple[bytes, BiasHooks]:
+    """A random BitFit task: (artifact bytes, its reference). Every projection has a bias in even layers,
+    only q_proj (a part of the fused q/k/v) and down_proj in odd ones, so the other rows read the pool's
+    identity; biases ~ N(0, scale)."""
+    from prefixserve.adapters_store.format import encode_artifact
+
+    g, biases = torch.Generator().manual_seed(seed), {}
+    for layer, block in enumerate(base.model.layers):
+        targets = ALL_LINEAR if layer % 2 == 0 else ["q_proj", "down_proj"]
+        for target in targets:
+            linear = getattr(block.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp,
+                             target)
+            biases[(layer, target)] = torch.randn(linear.out_features, generator=g) * scale
+    tensors = {f"layers.{layer}.{target}.bias": bias for (layer, target), bias in biases.items()}
+    artifact = encode_artifact("bitfit", {"targets": sorted(ALL_LINEAR)}, tensors, fingerprint)
+    return artifact, BiasHooks(base, biases)
+
+
 @torch.inference_mode()
-def peft_greedy(model: PeftModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def peft_greedy(model: PeftModel | BiasHooks, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """PEFT's greedy tokens: PeftModel's own forward over the whole sequence at every step. Not
     `PeftModel.generate`, whose cache handling is where upgrades break (transformers 5.24 with peft 0.21
     dropped prefixes and soft prompts there); the forward is what defines each kind's output."""
@@ -87,23 +139,25 @@ def peft_greedy(model: PeftModel, prompt_ids: list[int], max_new_tokens: int) ->
 
 
 @torch.inference_mode()
-def peft_last_logits(model: PeftModel, token_ids: list[int]) -> torch.Tensor:
+def peft_last_logits(model: PeftModel | BiasHooks, token_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([token_ids])
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
 
 
 @torch.inference_mode()
-def require_reference_uses_adapter(model: PeftModel, token_ids: list[int]) -> None:
-    """Fail as "reference broken" (not as a parity mismatch) when PeftModel's output is the bare
-    backbone's: then the installed transformers/peft pair ignores the adapter, and the engine's output
-    cannot be judged against it."""
+def require_reference_uses_adapter(model: PeftModel | BiasHooks, token_ids: list[int]) -> None:
+    """Fail as "reference broken" (not as a parity mismatch) when the reference's output is the bare
+    backbone's: then the installed transformers/peft pair ignores the adapter (or its hooks), and the
+    engine's output cannot be judged against it."""
     with_adapter = peft_last_logits(model, token_ids)
     with model.disable_adapter():
         without = peft_last_logits(model, token_ids)
     if torch.equal(with_adapter, without):
-        kind = model.peft_config[model.active_adapter].peft_type.value
-        pytest.fail(f"reference broken: PeftModel ignores its {kind} adapter with {library_versions()}; the "
-                    f"parity tests need a reference that applies it (see requirements.lock)", pytrace=False)
+        kind = model.adapter_type if isinstance(model, BiasHooks) else \
+            model.peft_config[model.active_adapter].peft_type.value
+        pytest.fail(f"reference broken: {type(model).__name__} ignores its {kind} adapter with "
+                    f"{library_versions()}; the parity tests need a reference that applies it (see "
+                    f"requirements.lock)", pytrace=False)
 
 
 def ipt_artifacts(hidden: int, fingerprint: dict, d: int = 6, decoder_hidden: int = 32, num_tokens: int = 5,

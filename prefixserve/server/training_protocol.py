@@ -75,8 +75,8 @@ class TrainingHyperparameters(BaseModel):
                                   description="Steps between progress evaluations; 0: only at the end")
     warmup_steps: StrictInt | None = Field(
         None, json_schema_extra=_ints(0, MAX_STEPS),
-        description="prefix / prompt / ptuning / lora / ia3: steps of linear learning-rate warm-up; null: the kind's "
-                    "default (prefix: a fifth of the steps, else 0)")
+        description="prefix / prompt / ptuning / lora / ia3 / bitfit: steps of linear learning-rate warm-up; null: "
+                    "the kind's default (prefix: a fifth of the steps, else 0)")
     decay: StrictStr | None = Field(
         None, json_schema_extra=_names("constant", "cosine"),
         description="After warm-up the rate stays ('constant') or follows a cosine to a tenth of it ('cosine'); "
@@ -98,6 +98,10 @@ class TrainingHyperparameters(BaseModel):
     ia3_feedforward: list[StrictStr] = Field(
         list(_DEFAULTS.ia3_feedforward), description="ia3: those of ia3_targets whose input is scaled, not output",
         json_schema_extra=accepts(array={"maxItems": 7, "uniqueItems": True}))
+    bitfit_targets: list[StrictStr] = Field(
+        list(_DEFAULTS.bitfit_targets), description="bitfit: the projections whose output a learned bias shifts "
+                                                    "(names as for targets; default all seven)",
+        json_schema_extra=accepts(array={"minItems": 1, "maxItems": 7, "uniqueItems": True}))
     intrinsic_dim: StrictInt = Field(_DEFAULTS.intrinsic_dim, json_schema_extra=_ints(1, 1024))
     decoder_hidden: StrictInt = Field(_DEFAULTS.decoder_hidden, json_schema_extra=_ints(1, 16_384))
     mse_weight: StrictFloat = Field(_DEFAULTS.mse_weight, json_schema_extra=accepts(number={"minimum": 0}))

@@ -64,7 +64,8 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     train = sub.add_parser("train", help="train one task here and now, with a progress bar, and publish it")
     add_engine_args(train)
     train.add_argument("--task", required=True, help="the task name to publish to (as the default tenant)")
-    train.add_argument("--kind", required=True, help="prefix, prompt, ptuning, lora, ia3, subspace or intrinsic")
+    train.add_argument("--kind", required=True, help="prefix, prompt, ptuning, lora, ia3, bitfit, subspace or "
+                       "intrinsic")
     data = train.add_mutually_exclusive_group()
     data.add_argument("--data", type=Path, help="JSONL examples: {\"input\", \"output\"} or {\"messages\"} per line")
     data.add_argument("--suite-task", help="a built-in task of prefixserve.training.tasks")

@@ -8,7 +8,8 @@ gives it (P + i behind a soft prompt or prefix of P virtual tokens).
 peft's prompt-learning kinds are decoded here from their virtual tokens (`PeftModel.get_prompt`)
 through the backbone's own forward, not through `PeftModel.generate`: with transformers 5.24 and
 peft 0.21 that generate silently dropped prefixes and soft prompts, and metrics scored the bare
-backbone. LoRA and IA3 live inside the backbone's layers, so the backbone's `generate` serves them as is.
+backbone. LoRA and IA3 live inside the backbone's layers, and BitFit's biases in forward hooks on them
+(training/bitfit.py), so the backbone's `generate` serves them as is.
 """
 
 from __future__ import annotations

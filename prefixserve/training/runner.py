@@ -16,6 +16,7 @@ from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.baselines import BaselineScores, score_baselines
+from prefixserve.training.bitfit import train_bitfit
 from prefixserve.training.data import EncodedExample, JobData, encode_examples, job_data
 from prefixserve.training.spec import JobSpec, ProgressFn, TrainedAdapter
 from prefixserve.training.trainers import PEFT_KINDS, PROMPT_KINDS, train_peft
@@ -23,12 +24,12 @@ from prefixserve.training.trainers import PEFT_KINDS, PROMPT_KINDS, train_peft
 
 def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, progress: ProgressFn,
             work_dir: Path) -> TrainedAdapter:
-    """Train `spec` against `backbone`; `work_dir` keeps the resumable checkpoint and the PEFT export."""
+    """Train `spec` against `backbone`; `work_dir` keeps the resumable checkpoint (and a PEFT kind's export)."""
     hp = spec.hyperparameters
     data, baselines = None, None
     if spec.kind == "subspace":
         result = _run_subspace(spec, backbone, store, progress)
-    elif spec.kind in PEFT_KINDS or spec.kind == "intrinsic":
+    elif spec.kind in (*PEFT_KINDS, "bitfit", "intrinsic"):
         data = job_data(spec)
         train, eval_ = _encode(backbone, spec, data)
         if spec.kind == "intrinsic":
@@ -40,6 +41,8 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
                                         f"subspace artifact, found kind {subspace.kind!r}")
             result = ipt.train_intrinsic(backbone, subspace=subspace, subspace_version=version, train=train,
                                          eval=eval_, hp=hp, seed=spec.seed, progress=progress)
+        elif spec.kind == "bitfit":
+            result = train_bitfit(backbone, train, eval_, hp, spec.seed, progress, work_dir, labels=data.labels)
         else:
             init_text = data.instruction or (" ".join(data.labels) if data.labels else None)
             result = train_peft(backbone, spec.kind, train, eval_, hp, spec.seed, progress, work_dir,
@@ -50,7 +53,8 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
                 "best_baseline_exact_match": baselines.best_exact_match,
                 "lift_over_best_baseline": result.metrics["exact_match"] - baselines.best_exact_match})
     else:
-        raise TrainingDataError(f"expected 'kind' among {[*PEFT_KINDS, 'subspace', 'intrinsic']}, found {spec.kind!r}")
+        raise TrainingDataError(f"expected 'kind' among {[*PEFT_KINDS, 'bitfit', 'subspace', 'intrinsic']}, found "
+                                f"{spec.kind!r}")
     artifact = _check_result(backbone, result)
     return replace(result, card=_card(spec, data, baselines, artifact, result.metrics))
 

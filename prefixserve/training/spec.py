@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from prefixserve.errors import TrainingDataError
 
-TRAINABLE_KINDS = ("prefix", "prompt", "ptuning", "lora", "ia3", "subspace", "intrinsic")
+TRAINABLE_KINDS = ("prefix", "prompt", "ptuning", "lora", "ia3", "bitfit", "subspace", "intrinsic")
 # Bounds on one job: a job is a few hundred to a few thousand short examples, trained on one GPU or CPU.
 MAX_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 8_192
@@ -26,10 +26,12 @@ MAX_INSTRUCTION_CHARS = 2_048
 # The rates task_quality measured on the suite (benchmarks/RESULTS.md). They differ by orders of magnitude:
 # a soft prompt wants large steps; a prefix started from real keys and values is wrecked by them (longer_word:
 # 0.88 exact match at 1e-3, 0.00 at 3e-3); Adam moves every decoder weight of a subspace by ~lr a step.
-# ia3 (SmolLM2-135M, 2026-12-04, not in RESULTS.md yet): word_size, 100 steps of batch 8, 256 train / 64 eval,
+# ia3 (SmolLM2-135M, 2026-12-04; task_quality in RESULTS.md): word_size, 100 steps of batch 8, 256 train / 64 eval,
 # peft's targets: 0.92 exact match at 3e-3 (T-Few's rate, over 1000 steps), 0.97 at 1e-2, 1.00 at 3e-2.
+# bitfit (the same model, task, split and steps, 2026-12-04, not in RESULTS.md yet), all seven projections:
+# 0.92 exact match at 1e-3, 0.94 at 3e-3, 0.98 at 1e-2 (the largest rate tried).
 DEFAULT_LEARNING_RATES = {"prompt": 0.1, "ptuning": 3e-2, "prefix": 1e-3, "lora": 3e-3, "subspace": 1e-3,
-                          "intrinsic": 0.1, "ia3": 3e-2}
+                          "intrinsic": 0.1, "ia3": 3e-2, "bitfit": 1e-2}
 # (warm-up as a fraction of the steps, decay) where it was measured to matter: a prefix's MLP at a constant
 # rate spiked and fell back to the majority answer on first_letter (0.05 exact match) and word_temperature
 # (0.50); a fifth of the steps warming up and a cosine decay gave 0.97 and 0.98 (RESULTS.md, 2026-12-03).
@@ -46,8 +48,9 @@ class Hyperparameters:
     max_length: int = 128  # prompt + output tokens of one example; longer examples fail the job
     eval_max_new_tokens: int = 16
     eval_every: int = 0  # steps between progress evals (0: only at the end)
-    # prefix / prompt / ptuning / lora / ia3: the rate rises linearly over `warmup_steps`, then stays ("constant")
-    # or follows a cosine to a tenth of it by the last step ("cosine"). None: the kind's (DEFAULT_SCHEDULES).
+    # prefix / prompt / ptuning / lora / ia3 / bitfit: the rate rises linearly over `warmup_steps`, then stays
+    # ("constant") or follows a cosine to a tenth of it by the last step ("cosine"). None: the kind's
+    # (DEFAULT_SCHEDULES).
     warmup_steps: int | None = None
     decay: str | None = None
     # prefix / prompt / ptuning / subspace / intrinsic
@@ -67,6 +70,9 @@ class Hyperparameters:
     # ..._FEEDFORWARD_MODULES_MAPPING in peft.utils.constants): keys, values, and the input of the MLP's down_proj.
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
+    # bitfit: the projections whose output a learned bias shifts. BitFit trains every bias of the model, and a
+    # Llama has one place for one per projection (LORA_TARGETS), so all seven.
+    bitfit_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # IPT (arXiv 2110.07867): MSF trains a subspace from prompt-tuned `sources`; IST trains z in `subspace`
     intrinsic_dim: int = 5
     decoder_hidden: int = 256
@@ -165,6 +171,8 @@ def parse_job_spec(raw: object) -> JobSpec:
         raise TrainingDataError("expected training data: 'examples' (a non-empty list) or 'suite_task', found neither")
     if kind == "ia3":
         check_ia3_targets(hp)
+    if kind == "bitfit":
+        check_bitfit_targets(hp)
     if kind == "intrinsic" and not hp.subspace:
         raise TrainingDataError("expected hyperparameters.subspace to name the subspace task an intrinsic task "
                                 "is decoded by, found none")
@@ -283,6 +291,8 @@ _HP_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[object], bool], st
                     "a non-empty list of distinct projection names"),
     "ia3_feedforward": ((list, tuple), lambda v: len(v) <= 7 and _distinct_names(v),
                         "a list of distinct projection names (some of ia3_targets)"),
+    "bitfit_targets": ((list, tuple), lambda v: 0 < len(v) <= 7 and _distinct_names(v),
+                       "a non-empty list of distinct projection names"),
     "intrinsic_dim": (int, lambda v: 1 <= v <= 1024, "1..1024"),
     "decoder_hidden": (int, lambda v: 1 <= v <= 16_384, "1..16384"),
     "mse_weight": ((int, float), lambda v: math.isfinite(v) and v >= 0, "a non-negative number"),
@@ -313,21 +323,34 @@ def _distinct_names(value: list | tuple) -> bool:
 def check_ia3_targets(hp: Hyperparameters) -> None:
     """An ia3 job's projections are ones the server scales, its feedforward ones among them (peft refuses
     the rest only once the job runs)."""
-    # Imported here: kinds imports torch, which `prefixserve --help` (it imports this module) does without.
-    from prefixserve.adapters_store.kinds import LORA_TARGETS
-
-    if not hp.ia3_targets:
-        raise TrainingDataError("expected hyperparameters.ia3_targets to name at least one projection, found []")
-    for name in ("ia3_targets", "ia3_feedforward"):
-        unknown = [t for t in getattr(hp, name) if t not in LORA_TARGETS]
-        if unknown:
-            raise TrainingDataError(f"expected hyperparameters.{name} among {list(LORA_TARGETS)}, found {unknown}")
+    _check_projections(hp, "ia3_targets")
+    _check_projections(hp, "ia3_feedforward", may_be_empty=True)
     outside = [t for t in hp.ia3_feedforward if t not in hp.ia3_targets]
     if outside:
         default = list(Hyperparameters.ia3_feedforward)
         raise TrainingDataError(f"expected hyperparameters.ia3_feedforward to be among ia3_targets "
                                 f"{list(hp.ia3_targets)}, found {outside} outside them (its default is {default}; "
                                 f"[] scales only outputs)")
+
+
+def check_bitfit_targets(hp: Hyperparameters) -> None:
+    """A bitfit job's projections are ones the server shifts (the trainer hooks exactly these)."""
+    _check_projections(hp, "bitfit_targets")
+
+
+def _check_projections(hp: Hyperparameters, name: str, may_be_empty: bool = False) -> None:
+    """hp.<name> names at least one projection (unless `may_be_empty`), each one the server adapts
+    (LORA_TARGETS). _HP_RULES checks only that they are distinct strings, and a Hyperparameters built in
+    code has not been through even that."""
+    # Imported here: kinds imports torch, which `prefixserve --help` (it imports this module) does without.
+    from prefixserve.adapters_store.kinds import LORA_TARGETS
+
+    names = getattr(hp, name)
+    if not names and not may_be_empty:
+        raise TrainingDataError(f"expected hyperparameters.{name} to name at least one projection, found []")
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown:
+        raise TrainingDataError(f"expected hyperparameters.{name} among {list(LORA_TARGETS)}, found {unknown}")
 
 
 def _is_number(value: object) -> bool:

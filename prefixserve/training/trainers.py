@@ -1,4 +1,5 @@
-"""PEFT trainers (prefix, prompt, ptuning, lora, ia3) against the shared frozen backbone.
+"""PEFT trainers (prefix, prompt, ptuning, lora, ia3) against the shared frozen backbone, and the
+training loop every adapter trained on it shares (`train_loop`; bitfit.py trains through it too).
 
 A job wraps the worker's one model with peft, trains the adapter's parameters with a plain AdamW
 loop, exports with peft's own save_pretrained, and imports that folder through the same path as a
@@ -131,8 +132,10 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
             fit_prefix_encoder(peft_model.prompt_encoder[peft_model.active_adapter], prefix_target)
         return peft_model
     with wrapped(backbone.model, make) as peft_model:
-        _require_adapter_is_used(peft_model, backbone, kind, train, hp, seed)
-        train_loss = _train_loop(peft_model, backbone, kind, train, eval, hp, seed, progress, work_dir, init_text)
+        params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+        require_adapter_is_used(peft_model, params, backbone, kind, train, hp, seed)
+        train_loss = train_loop(peft_model, params, backbone, kind, train, eval, hp, seed, progress, work_dir,
+                                init_text)
         peft_dir = work_dir / "peft"
         shutil.rmtree(peft_dir, ignore_errors=True)
         peft_model.save_pretrained(peft_dir, safe_serialization=True)
@@ -148,13 +151,13 @@ def train_peft(backbone: TrainingBackbone, kind: str, train: list[EncodedExample
     return TrainedAdapter(artifact=artifact, kind="prompt" if kind == "ptuning" else kind, metrics=metrics)
 
 
-def _require_adapter_is_used(peft_model, backbone: TrainingBackbone, kind: str, train: list[EncodedExample],
-                             hp: Hyperparameters, seed: int) -> None:
-    """TrainingFailedError (naming the library versions) when the training forward ignores the adapter."""
+def require_adapter_is_used(model, params: dict[str, torch.nn.Parameter], backbone: TrainingBackbone, kind: str,
+                            train: list[EncodedExample], hp: Hyperparameters, seed: int) -> None:
+    """TrainingFailedError (naming the library versions) when `model`'s training forward ignores the
+    adapter's `params`."""
     pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
     batch = collate([train[i] for i in batch_indices(len(train), hp.batch_size, seed, 1)], pad_id)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    require_params_reach_loss(params, lambda: output_nll(peft_model, batch)[0], f"{kind} adapter")
+    require_params_reach_loss(params.values(), lambda: output_nll(model, batch)[0], f"{kind} adapter")
 
 
 def _init_text(hp: Hyperparameters, init_text: str | None) -> str | None:
@@ -192,11 +195,11 @@ def checkpoint_every(steps: int) -> int:
     return max(1, min(50, steps // 5))
 
 
-def _train_loop(peft_model, backbone: TrainingBackbone, kind: str, train: list[EncodedExample],
-                eval: list[EncodedExample], hp: Hyperparameters, seed: int, progress: ProgressFn, work_dir: Path,
-                init_text: str | None) -> float:
-    """Run steps from the checkpoint (if it is this job's) to hp.steps; returns the last window's mean loss."""
-    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+def train_loop(model, params: dict[str, torch.nn.Parameter], backbone: TrainingBackbone, kind: str,
+               train: list[EncodedExample], eval: list[EncodedExample], hp: Hyperparameters, seed: int,
+               progress: ProgressFn, work_dir: Path, init_text: str | None) -> float:
+    """Train `params` (the adapter's, which `model`'s forward applies; checkpointed under their names)
+    from the checkpoint (if it is this job's) to hp.steps; returns the last window's mean loss."""
     optimizer = torch.optim.AdamW(params.values(), lr=hp.learning_rate, weight_decay=0.0)
     run_key = _run_key(backbone, kind, hp, seed, init_text, train)
     checkpoint = work_dir / CHECKPOINT_NAME
@@ -207,7 +210,7 @@ def _train_loop(peft_model, backbone: TrainingBackbone, kind: str, train: list[E
     started = time.monotonic()
     for step in range(start + 1, hp.steps + 1):
         batch = collate([train[i] for i in batch_indices(len(train), hp.batch_size, seed, step)], pad_id)
-        nll, num_tokens = output_nll(peft_model, batch)
+        nll, num_tokens = output_nll(model, batch)
         loss = nll / num_tokens
         if not torch.isfinite(loss):
             raise TrainingFailedError(f"training diverged at step {step}: the loss is {loss.item()}; nothing was "
@@ -231,7 +234,7 @@ def _train_loop(peft_model, backbone: TrainingBackbone, kind: str, train: list[E
             eval_metrics = None
             if eval_due:  # the live model, whose prefix MLP output may differ from the export in the last bit;
                 # the final metrics score the export itself
-                eval_metrics = evaluate(peft_model, backbone.tokenizer, eval, hp.eval_max_new_tokens, None,
+                eval_metrics = evaluate(model, backbone.tokenizer, eval, hp.eval_max_new_tokens, None,
                                         eos_token_ids=backbone.eos_token_ids)
             progress(ProgressEvent(step=step, total_steps=hp.steps, loss=last_loss, eta_s=eta,
                                    eval_metrics=eval_metrics))

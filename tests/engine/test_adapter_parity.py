@@ -1,10 +1,11 @@
 """Every PEFT kind, created and saved by peft, imported and served in ONE running batch together
-with the other tasks and plain-backbone requests: greedy tokens equal PeftModel.generate, fp32
-logits within 1e-4 of the largest logit; on the tiny model and on SmolLM2."""
+with the other tasks (IPT, and BitFit against forward hooks on the transformers model: peft has no
+BitFit) and plain-backbone requests: greedy tokens equal the reference's, fp32 logits within 1e-4 of
+the largest logit; on the tiny model and on SmolLM2."""
 
 import pytest
 import torch
-from adapter_cases import intrinsic_case, make_peft_adapter, peft_configs, peft_greedy, peft_last_logits
+from adapter_cases import bitfit_case, intrinsic_case, make_peft_adapter, peft_configs, peft_greedy, peft_last_logits
 from helpers import capture_logits, hf_greedy, max_rel_error, random_prompts
 
 from prefixserve.adapters_store.peft_import import import_peft
@@ -17,6 +18,8 @@ from prefixserve.models.tiny import tiny_hf_model
 MAX_NEW = 8
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 PLAIN = (None, "base")
+# BitFit biases ~ N(0, 0.02): logits move by 10 % (tiny) and 19 % (SmolLM2) of the largest, which stays its size
+BIAS_SCALE = 0.02
 
 
 def make_adapters(base, tokenizer_dir, root):
@@ -46,7 +49,11 @@ def check_parity(base, backbone, adapters, prompts):
     subspace, intrinsic, ipt_reference = intrinsic_case(base, engine.adapters.fingerprint)
     engine.register_adapter("ipt-subspace", subspace)
     assert engine.register_adapter("ipt", intrinsic).kind == "intrinsic"
-    adapters = {**adapters, "ipt": (ipt_reference, None)}  # twelve tasks of every kind, plus the plain backbone
+    bitfit, bitfit_reference = bitfit_case(base, engine.adapters.fingerprint, BIAS_SCALE)
+    assert engine.register_adapter("bitfit", bitfit).kind == "bitfit"
+    hooks_before = [len(m._forward_hooks) for m in base.modules()]
+    # thirteen tasks of every kind, plus the plain backbone
+    adapters = {**adapters, "ipt": (ipt_reference, None), "bitfit": (bitfit_reference, None)}
     jobs = [(name, prompts[i % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(name, prompts[(i + 1) % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(None, prompts[0]), ("base", prompts[-1])]
@@ -71,6 +78,7 @@ def check_parity(base, backbone, adapters, prompts):
     assert max(worst.values()) < 1e-4, worst
     assert min(steer.values()) > 1e-3, steer  # every adapter really changes what the model says
     assert set(steer) == set(adapters)
+    assert [len(m._forward_hooks) for m in base.modules()] == hooks_before  # BitFit's reference left none behind
     resident = sum(len(h.prefix_pages) for h in engine.adapters.resident.values())
     assert engine.pages.num_free_pages + resident == engine.pages.num_pages
 

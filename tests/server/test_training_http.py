@@ -237,6 +237,44 @@ def test_an_ia3_job_reaches_the_worker_with_its_projections_and_its_fields_are_s
         assert len(queue.list_jobs("fay")) == before
 
 
+def test_a_bitfit_job_reaches_the_worker_with_its_projections_and_bad_names_are_400s(limited):
+    server, keys, queue = limited
+    with client(server, keys, "fay") as fay:
+        resp = fay.post("/v1/training/jobs", json={**JOB, "task": "shifted", "kind": "bitfit",
+                                                   "hyperparameters": {"steps": 5, "bitfit_targets": ["o_proj",
+                                                                                                      "gate_proj"]}})
+        assert resp.status_code == 201 and resp.json()["kind"] == "bitfit", resp.text
+        default = fay.post("/v1/training/jobs", json={**JOB, "task": "shifted-all", "kind": "bitfit"})
+        assert default.status_code == 201, default.text
+        claimed = {}
+        while len(claimed) < 2:  # older jobs of other tests come first
+            claim = queue.claim("test-worker")
+            if claim.record.id in (resp.json()["id"], default.json()["id"]):
+                claimed[claim.record.id] = claim.spec.hyperparameters.bitfit_targets
+                queue.fail(claim, TrainingDataError("stopped by the test"))
+        assert claimed == {resp.json()["id"]: ("o_proj", "gate_proj"),
+                           default.json()["id"]: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj")}
+        cases = [
+            ({"bitfit_target": ["q_proj"]}, "hyperparameters.bitfit_target: Extra inputs are not permitted"),
+            ({"bitfit_targets": "q_proj"}, "hyperparameters.bitfit_targets: Input should be a valid list"),
+            ({"bitfit_targets": [7]}, "hyperparameters.bitfit_targets.0: Input should be a valid string"),
+            # Well-typed but not servable: parse_job_spec's messages, naming the field.
+            ({"bitfit_targets": []}, "expected hyperparameters.bitfit_targets a non-empty list of distinct "
+                                     "projection names, found []"),
+            ({"bitfit_targets": ["q_proj", "q_proj"]}, "expected hyperparameters.bitfit_targets a non-empty list of "
+                                                       "distinct projection names, found ['q_proj', 'q_proj']"),
+            ({"bitfit_targets": ["lm_head"]}, "expected hyperparameters.bitfit_targets among ['q_proj', 'k_proj', "
+                                              "'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], found "
+                                              "['lm_head']"),
+        ]
+        before = len(queue.list_jobs("fay"))
+        for bad, message in cases:
+            resp = fay.post("/v1/training/jobs", json={**JOB, "kind": "bitfit", "hyperparameters": bad})
+            assert resp.status_code == 400 and resp.json()["error"]["message"] == message, (bad, resp.text)
+        assert len(queue.list_jobs("fay")) == before
+
+
 def _documented(model, name: str) -> dict:
     schema = model.model_json_schema()["properties"][name]
     return next((branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"), schema)

@@ -55,6 +55,12 @@ def valid_parts(kind: str, arch: LlamaArch = TINY_ARCH, seed: int = 0, dtype=tor
             for t, side in (("k_proj", 1), ("v_proj", 1), ("down_proj", 0)):
                 tensors[f"layers.{i}.{t}.ia3"] = 1 + 0.3 * rand(features[t][side])
         return {"targets": ["down_proj", "k_proj", "v_proj"], "feedforward": ["down_proj"]}, tensors
+    if kind == "bitfit":  # every projection in layer 0; q (a part of the fused q/k/v) and down_proj elsewhere
+        features, tensors = lora_features(arch), {}
+        for i in range(L):
+            for t in LORA_TARGETS if i == 0 else ("q_proj", "down_proj"):
+                tensors[f"layers.{i}.{t}.bias"] = 0.3 * rand(features[t][1])
+        return {"targets": sorted(LORA_TARGETS)}, tensors
     raise ValueError(kind)
 
 

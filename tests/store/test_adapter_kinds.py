@@ -12,7 +12,7 @@ from prefixserve.errors import AdapterError
 
 
 def test_every_kind_is_a_registered_class():
-    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora", "ia3"}
+    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora", "ia3", "bitfit"}
     assert all(issubclass(k, AdapterKind) and KINDS[k.name] is k for k in KINDS.values())
 
 
@@ -95,6 +95,8 @@ IA3_REFUSED = {
     "wrong_side": ({}, lambda t: {**t, "layers.0.down_proj.ia3": torch.ones(64)},
                    r"layers.0.down_proj.ia3 of shape \[128\], found \[64\]"),
     "layer_out_of_range": ({}, lambda t: {**t, "layers.7.k_proj.ia3": torch.ones(32)}, r"layer indices 0..1"),
+    "leading_zero": ({}, lambda t: {**t, "layers.01.k_proj.ia3": torch.ones(32)},
+                     r"unexpected \['layers.01.k_proj.ia3'\]"),
     "stray_tensor": ({}, lambda t: {**t, "layers.0.k_proj.lora_a": torch.ones(2, 64)},
                      r"unexpected \['layers.0.k_proj.lora_a'\]"),
 }
@@ -106,3 +108,63 @@ def test_ia3_refuses_what_it_cannot_serve(case):
     config, tensors = valid_parts("ia3")
     with pytest.raises(AdapterError, match=message):
         get_kind("ia3").validate({**config, **changes}, edit(tensors) if edit else tensors, TINY_ARCH, None)
+
+
+def test_bitfit_biases_shift_outputs_of_the_layers_that_have_them():
+    config, tensors = valid_parts("bitfit")
+    vectors = get_kind("bitfit").vectors(tensors)
+    assert {mode for _, _, mode in vectors} == {"shift_out"}
+    assert {target for layer, target, _ in vectors if layer == 1} == {"q_proj", "down_proj"}
+    assert vectors[(0, "gate_proj", "shift_out")].shape == (TINY_ARCH.intermediate_size,)  # gate_proj's output
+    assert vectors[(1, "down_proj", "shift_out")] is tensors["layers.1.down_proj.bias"]
+    assert get_kind("bitfit").num_virtual_tokens(config) == 0
+
+
+def test_bitfit_may_shift_one_projection_of_one_layer():
+    get_kind("bitfit").validate({"targets": ["v_proj"]}, {"layers.1.v_proj.bias": torch.zeros(32)}, TINY_ARCH, None)
+
+
+BITFIT_REFUSED = {
+    # id: (config changes, tensors edit, message regex)
+    "unsorted_targets": ({"targets": ["v_proj", "k_proj"]}, None, r"bitfit: expected targets as a sorted list of "
+                                                                  r"distinct names from \['q_proj', .*found "
+                                                                  r"\['v_proj', 'k_proj'\]"),
+    "repeated_target": ({"targets": ["down_proj", "down_proj"]}, None, r"targets as a sorted list of distinct"),
+    "unknown_target": ({"targets": ["lm_head"]}, None, r"targets as a sorted list .*found \['lm_head'\]"),
+    "target_not_a_string": ({"targets": [1]}, None, r"targets as a sorted list .*found \[1\]"),
+    "targets_not_a_list": ({"targets": "q_proj"}, None, r"config 'targets' of type list, found 'q_proj'"),
+    "extra_config": ({"feedforward": []}, None, r"bitfit: expected config keys \['targets'\], found \['feedforward', "
+                                                r"'targets'\]"),
+    "targets_disagree": ({"targets": ["down_proj", "q_proj"]}, None,
+                         r"config targets to list the shifted projections \['down_proj', 'gate_proj', 'k_proj', "
+                         r"'o_proj', 'q_proj', 'up_proj', 'v_proj'\], found \['down_proj', 'q_proj'\]"),
+    # an input-sized bias (down_proj's 128 inputs, not its 64 outputs): biases are added to outputs
+    "input_sized": ({}, lambda t: {**t, "layers.0.down_proj.bias": torch.zeros(128)},
+                    r"layers.0.down_proj.bias of shape \[64\], found \[128\]"),
+    "a_matrix": ({}, lambda t: {**t, "layers.0.k_proj.bias": torch.zeros(32, 1)},
+                 r"layers.0.k_proj.bias of shape \[32\], found \[32, 1\]"),
+    "layer_out_of_range": ({}, lambda t: {**t, "layers.2.q_proj.bias": torch.zeros(64)},
+                           r"layer indices 0..1, found 'layers.2.q_proj.bias'"),
+    "layer_with_a_leading_zero": ({}, lambda t: {**t, "layers.01.q_proj.bias": torch.zeros(64)},
+                                  r"unexpected \['layers.01.q_proj.bias'\]"),
+    "stray_tensor": ({}, lambda t: {**t, "layers.0.k_proj.ia3": torch.ones(32)},
+                     r"unexpected \['layers.0.k_proj.ia3'\]"),
+    "lm_head_bias": ({}, lambda t: {**t, "lm_head.bias": torch.zeros(49152)}, r"unexpected \['lm_head.bias'\]"),
+    "no_biases": ({}, lambda t: {}, r"bitfit: expected tensors named layers.<i>.<target>.bias, found \[\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BITFIT_REFUSED))
+def test_bitfit_refuses_what_it_cannot_serve(case):
+    changes, edit, message = BITFIT_REFUSED[case]
+    config, tensors = valid_parts("bitfit")
+    with pytest.raises(AdapterError, match=message):
+        get_kind("bitfit").validate({**config, **changes}, edit(tensors) if edit else tensors, TINY_ARCH, None)
+
+
+def test_bitfit_without_an_arch_checks_only_what_the_artifact_says():
+    config, tensors = valid_parts("bitfit")
+    wide = {**tensors, "layers.9.q_proj.bias": torch.zeros(7)}  # any layer, any size, still a vector
+    get_kind("bitfit").validate(config, wide, None, None)
+    with pytest.raises(AdapterError, match=r"layers.0.q_proj.bias of shape \[\*\], found \[2, 32\]"):
+        get_kind("bitfit").validate(config, {**tensors, "layers.0.q_proj.bias": torch.zeros(2, 32)}, None, None)

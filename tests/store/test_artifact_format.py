@@ -150,8 +150,9 @@ BAD_ARTIFACTS = {
                           r"format_version 1, found None"),
     "future_format_version": (lambda fp: _raw(fp, "prefix", meta={"format_version": "2"}), LIMITS,
                               r"format_version 1, found '2'"),
-    "unknown_kind": (lambda fp: _raw(fp, "prefix", meta={"kind": "bitfit"}), LIMITS,
-                     r"kind among \['ia3', 'intrinsic', 'lora', 'prefix', 'prompt', 'subspace'\], found 'bitfit'"),
+    "unknown_kind": (lambda fp: _raw(fp, "prefix", meta={"kind": "loha"}), LIMITS,
+                     r"kind among \['bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', 'prompt', 'subspace'\], found "
+                     r"'loha'"),
     "no_config": (lambda fp: _raw(fp, "prefix", meta={"config": None}), LIMITS,
                   r"expected artifact metadata 'config', found keys \['backbone', 'format_version', 'kind'\]"),
     "config_not_json": (lambda fp: _raw(fp, "prefix", meta={"config": "{oops"}), LIMITS, r"'config' to be JSON"),
@@ -236,7 +237,8 @@ def test_decode_without_arch_still_checks_consistency(fingerprint):
 
 
 @pytest.mark.parametrize("kind, config, tensors, message", [
-    ("bitfit", {}, {}, r"kind among .* found 'bitfit'"),
+    ("loha", {}, {}, r"kind among .* found 'loha'"),
+    ("bitfit", {"targets": []}, {}, r"layers.<i>.<target>.bias, found \[\]"),
     ("ia3", {"targets": [], "feedforward": []}, {}, r"layers.<i>.<target>.ia3, found \[\]"),
     ("prompt", {"num_virtual_tokens": 1}, {"embeddings": torch.full((1, 64), float("nan"))}, r"NaN/Inf"),
     ("intrinsic", {"subspace_version": "ab" * 32}, {"z": torch.ones(3, dtype=torch.int32)}, r"found torch.int32"),
@@ -255,7 +257,8 @@ def test_encode_refuses_a_fingerprint_that_is_not_json(fingerprint):
 
 def test_get_kind_lists_known_kinds():
     assert get_kind("lora") is KINDS["lora"]
-    with pytest.raises(AdapterError, match=r"among \['ia3', 'intrinsic', 'lora', 'prefix', 'prompt', 'subspace'\]"):
+    with pytest.raises(AdapterError, match=r"among \['bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', 'prompt', "
+                                           r"'subspace'\]"):
         get_kind("LoRA")
 
 

@@ -84,6 +84,7 @@ def test_bad_field_is_named(raw, names):
     {"task": "acme/z", "kind": "intrinsic", "suite_task": "word_size", "hyperparameters": {"subspace": "acme/sub"}},
     {"task": "acme/s", "kind": "ia3", "suite_task": "word_size",
      "hyperparameters": {"ia3_targets": ["up_proj", "q_proj"], "ia3_feedforward": ["up_proj"]}},
+    {"task": "acme/b", "kind": "bitfit", "suite_task": "word_size", "hyperparameters": {"bitfit_targets": ["o_proj"]}},
 ])
 def test_valid_spec_round_trips_through_json(raw):
     spec = parse_job_spec(raw)
@@ -99,7 +100,7 @@ def test_defaults():
                                                            warmup_steps=0, decay="constant"))
 
 
-@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "ia3", "intrinsic"])
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "ia3", "bitfit", "intrinsic"])
 def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
     extra = {"subspace": "acme/sub"} if kind == "intrinsic" else {}
     assert parse_job_spec(valid(kind=kind, hyperparameters=extra)).hyperparameters.learning_rate == \
@@ -110,7 +111,8 @@ def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
 
 
 @pytest.mark.parametrize("kind, warmup_steps, decay", [("prefix", 20, "cosine"), ("prompt", 0, "constant"),
-                                                       ("lora", 0, "constant"), ("ia3", 0, "constant")])
+                                                       ("lora", 0, "constant"), ("ia3", 0, "constant"),
+                                                       ("bitfit", 0, "constant")])
 def test_a_spec_without_a_schedule_gets_its_kinds_and_keeps_a_given_one(kind, warmup_steps, decay):
     hp = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100})).hyperparameters
     assert (hp.warmup_steps, hp.decay) == (warmup_steps, decay)
@@ -160,3 +162,38 @@ def test_ia3_defaults_are_peft_s_for_llama_and_other_kinds_ignore_them():
     # What only an ia3 job reads is not an error in another kind's spec (as lora's rank is not in a prompt's).
     assert parse_job_spec(valid(hyperparameters={"ia3_targets": ["q_proj"]})).hyperparameters.ia3_targets == \
         ("q_proj",)
+
+
+def bitfit(**hyperparameters) -> dict:
+    return valid(kind="bitfit", hyperparameters=hyperparameters)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (bitfit(bitfit_targets=[]), "expected hyperparameters.bitfit_targets a non-empty list of distinct projection "
+                                "names, found []"),
+    (bitfit(bitfit_targets="o_proj"), "expected hyperparameters.bitfit_targets a non-empty list of distinct projection "
+                                      "names, found 'o_proj'"),
+    (bitfit(bitfit_targets=["o_proj", "o_proj"]), "expected hyperparameters.bitfit_targets a non-empty list of "
+                                                  "distinct projection names, found ['o_proj', 'o_proj']"),
+    (bitfit(bitfit_targets=["o_proj", None]), "expected hyperparameters.bitfit_targets a non-empty list"),
+    (bitfit(bitfit_targets=[f"p{i}" for i in range(8)]), "expected hyperparameters.bitfit_targets a non-empty list"),
+    # peft module paths and the head are not projections the server shifts
+    (bitfit(bitfit_targets=["self_attn.q_proj", "up_proj", "lm_head"]),
+     "expected hyperparameters.bitfit_targets among ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', "
+     "'down_proj'], found ['self_attn.q_proj', 'lm_head']"),
+])
+def test_bitfit_projections_are_ones_the_server_shifts(raw, message):
+    with pytest.raises(TrainingDataError) as e:
+        parse_job_spec(raw)
+    assert message in e.value.message and e.value.status_code == 400
+
+
+def test_bitfit_defaults_to_every_projection_and_other_kinds_ignore_it():
+    from prefixserve.adapters_store.kinds import LORA_TARGETS
+
+    assert parse_job_spec(bitfit()).hyperparameters.bitfit_targets == LORA_TARGETS
+    assert parse_job_spec(bitfit(bitfit_targets=["down_proj", "q_proj"])).hyperparameters.bitfit_targets == \
+        ("down_proj", "q_proj")
+    # What only a bitfit job reads is not an error in another kind's spec (as ia3_targets is not in a prompt's).
+    assert parse_job_spec(valid(hyperparameters={"bitfit_targets": ["o_proj"]})).hyperparameters.bitfit_targets == \
+        ("o_proj",)

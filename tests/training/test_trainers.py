@@ -1,6 +1,6 @@
-"""PEFT trainers on a tiny Llama with SmolLM2's real tokenizer: every kind learns a toy task, exports
-an artifact the server accepts, predicts what the engine serves, leaves the shared model untouched,
-resumes bit-exactly from its checkpoint and fails loudly on divergence or bad data."""
+"""PEFT trainers and the BitFit one on a tiny Llama with SmolLM2's real tokenizer: every kind learns a
+toy task, exports an artifact the server accepts, predicts what the engine serves, leaves the shared
+model untouched, resumes bit-exactly from its checkpoint and fails loudly on divergence or bad data."""
 
 import copy
 import dataclasses
@@ -19,13 +19,14 @@ from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import SamplingParams
 from prefixserve.errors import TrainingDataError, TrainingFailedError
 from prefixserve.models.loader import load_backbone
+from prefixserve.training.bitfit import added_biases, artifact_biases, train_bitfit, zero_biases
 from prefixserve.training.data import encode_examples, format_prompt
 from prefixserve.training.evaluate import predict, predict_ids
 from prefixserve.training.runner import run_job
 from prefixserve.training.spec import Hyperparameters, JobSpec, parse_job_spec
 from prefixserve.training.trainers import CHECKPOINT_NAME, learning_rate_at, train_peft
 
-KINDS = ("prompt", "prefix", "ptuning", "lora", "ia3")
+KINDS = ("prompt", "prefix", "ptuning", "lora", "ia3", "bitfit")
 TOY = [{"input": f"word {w}", "output": o} for w, o in [("apple", "yes"), ("sky", "no"), ("grass", "yes"),
                                                          ("snow", "no")]]
 UNSEEN = [{"input": w, "output": "?"} for w in ("word moon", "hello there", "1 2 3", "a longer sentence here")]
@@ -38,7 +39,22 @@ HP = {"prompt": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, num_v
       "lora": Hyperparameters(steps=30, batch_size=4, learning_rate=0.01, rank=4, alpha=8.0, eval_max_new_tokens=6),
       # not peft's defaults, unsorted, and a feedforward target in attention and in the MLP
       "ia3": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, ia3_targets=("v_proj", "q_proj", "up_proj",
-                             "down_proj"), ia3_feedforward=("up_proj", "q_proj"), eval_max_new_tokens=6)}
+                             "down_proj"), ia3_feedforward=("up_proj", "q_proj"), eval_max_new_tokens=6),
+      # unsorted; parts of both fused projections (v of q/k/v, gate of gate/up) and an unfused one
+      "bitfit": Hyperparameters(steps=30, batch_size=4, learning_rate=0.05, bitfit_targets=("v_proj", "gate_proj",
+                                "o_proj"), eval_max_new_tokens=6)}
+
+
+def train(backbone, kind, *args, **kwargs):
+    """train_peft's signature for every kind of this file: bitfit has its own trainer (no peft type)."""
+    if kind == "bitfit":
+        kwargs.pop("init_text", None)  # biases start at zero, not from text
+        return train_bitfit(backbone, *args, **kwargs)
+    return train_peft(backbone, kind, *args, **kwargs)
+
+
+def no_hooks(model) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def record(events):
@@ -74,8 +90,8 @@ def trained(backbone, toy, probe, tmp_path_factory):
     def get(kind):
         if kind not in results:
             events, work_dir = [], tmp_path_factory.mktemp(f"job-{kind}")
-            result = train_peft(backbone, kind, toy, toy, HP[kind], 0, record(events), work_dir, init_text="yes no",
-                                labels=("yes", "no"))
+            result = train(backbone, kind, toy, toy, HP[kind], 0, record(events), work_dir, init_text="yes no",
+                           labels=("yes", "no"))
             results[kind] = result, events, work_dir
         return results[kind]
     return get
@@ -111,11 +127,12 @@ def test_kind_learns_the_toy_task_and_exports_a_servable_artifact(kind, trained,
     assert artifact.kind == result.kind
     assert result.metrics["eval_loss"] < first / 2 and 0 <= result.metrics["exact_match"] <= 1
     assert all(math.isfinite(v) for v in result.metrics.values())
-    assert (work_dir / "peft" / "adapter_model.safetensors").is_file() and (work_dir / CHECKPOINT_NAME).is_file()
-    # The shared model is exactly as before: same modules and weights, frozen, bitwise the same logits.
+    assert (work_dir / CHECKPOINT_NAME).is_file()
+    assert (work_dir / "peft" / "adapter_model.safetensors").is_file() == (kind != "bitfit")  # bitfit: no peft type
+    # The shared model is exactly as before: same modules, hooks and weights, frozen, bitwise the same logits.
     ids, logits, layout, weights = probe
     assert [(name, type(m).__name__) for name, m in backbone.model.named_modules()] == layout
-    assert not hasattr(backbone.model, "peft_config")
+    assert not hasattr(backbone.model, "peft_config") and no_hooks(backbone.model)
     state = backbone.model.state_dict()
     assert list(state) == list(weights) and all(torch.equal(state[name], w) for name, w in weights.items())
     assert not any(p.requires_grad for p in backbone.model.parameters()) and not backbone.model.training
@@ -141,7 +158,13 @@ def test_engine_serves_what_evaluation_predicted(kind, trained, backbone, engine
                                                                                    temperature=0),
                                   tasks=[task] * len(encoded))
     eos = backbone.eos_token_ids
-    with wrapped(backbone.model, lambda m: PeftModel.from_pretrained(m, work_dir / "peft")) as exported:
+    if kind == "bitfit":  # what its evaluation ran: the decoded artifact's biases hooked onto the backbone
+        decoded = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
+                                  arch=backbone.arch)
+        exported_model = added_biases(backbone.model, artifact_biases(decoded))
+    else:
+        exported_model = wrapped(backbone.model, lambda m: PeftModel.from_pretrained(m, work_dir / "peft"))
+    with exported_model as exported:
         ids = predict_ids(exported, encoded, max_new, eos)
         texts = predict(exported, backbone.tokenizer, encoded, max_new, eos)
     assert [[t for t in c.token_ids if t not in eos] for c in completions] == ids
@@ -165,6 +188,34 @@ def test_ia3_artifact_scales_the_requested_projections(trained, backbone):
         f"layers.{i}.{target}.ia3": (size,) for i in range(arch.num_layers)
         for target, size in expected.items()}
     assert all(not torch.equal(t, torch.ones_like(t)) for t in artifact.tensors.values())  # trained away from 1
+
+
+def test_bitfit_artifact_shifts_the_requested_projections(trained, backbone):
+    """One trained bias per requested projection in every layer, each the size of that projection's output
+    (gate_proj's intermediate-sized, v_proj's narrower than o_proj's)."""
+    artifact = decode_artifact(trained("bitfit")[0].artifact, expected_fingerprint=backbone.fingerprint,
+                               limits=backbone.limits, arch=backbone.arch)
+    assert artifact.kind == "bitfit" and artifact.config == {"targets": ["gate_proj", "o_proj", "v_proj"]}
+    arch = backbone.arch
+    assert arch.intermediate_size != arch.hidden_size != arch.num_kv_heads * arch.head_dim
+    expected = {"v_proj": arch.num_kv_heads * arch.head_dim, "gate_proj": arch.intermediate_size,
+                "o_proj": arch.hidden_size}
+    assert {name: tuple(t.shape) for name, t in artifact.tensors.items()} == {
+        f"layers.{i}.{target}.bias": (size,) for i in range(arch.num_layers) for target, size in expected.items()}
+    assert all(t.dtype == torch.float32 and t.abs().max() > 0 for t in artifact.tensors.values())  # trained from 0
+
+
+def test_bitfit_starts_as_the_backbone_on_every_projection(backbone, probe):
+    """By default every projection of every layer gets a bias, and at zero the task is the backbone bitwise."""
+    from prefixserve.adapters_store.kinds import LORA_TARGETS
+
+    biases = zero_biases(backbone, Hyperparameters().bitfit_targets)
+    assert sorted(biases) == sorted((i, t) for i in range(backbone.arch.num_layers) for t in LORA_TARGETS)
+    ids, logits = probe[0], probe[1]
+    with torch.no_grad(), added_biases(backbone.model, biases):
+        assert not no_hooks(backbone.model)
+        assert torch.equal(backbone.model(input_ids=ids).logits, logits)
+    assert no_hooks(backbone.model)
 
 
 def test_resume_from_checkpoint_gives_the_same_artifact(backbone, toy, tmp_path):
@@ -218,6 +269,33 @@ def test_ia3_resumes_from_checkpoint_to_the_same_artifact(backbone, toy, probe, 
     assert all(torch.equal(state[name], w) for name, w in probe[3].items())
 
 
+def test_bitfit_resumes_from_checkpoint_to_the_same_artifact(backbone, toy, probe, tmp_path):
+    hp = Hyperparameters(steps=12, batch_size=2, learning_rate=0.05, warmup_steps=3, decay="cosine",
+                         bitfit_targets=("q_proj", "down_proj"))
+    whole = train_bitfit(backbone, toy, [], hp, 5, lambda e: None, tmp_path / "whole")
+
+    def stop_at_7(event):
+        if event.step == 7:
+            raise KeyboardInterrupt("worker killed")
+    with pytest.raises(KeyboardInterrupt):
+        train_bitfit(backbone, toy, [], hp, 5, stop_at_7, tmp_path / "resumed")
+    # The killed job's hooks are gone: the shared model answers bitwise as before any job.
+    assert no_hooks(backbone.model)
+    ids, logits, _, weights = probe
+    with torch.no_grad():
+        assert torch.equal(backbone.model(input_ids=ids).logits, logits)
+    checkpoint = load_file(tmp_path / "resumed" / CHECKPOINT_NAME)
+    assert sorted(name for name in checkpoint if name.startswith("param.")) == sorted(
+        f"param.layers.{i}.{t}.bias" for i in range(backbone.arch.num_layers) for t in ("q_proj", "down_proj"))
+    assert any(name.startswith("adam.exp_avg_sq.") for name in checkpoint)
+    events = []
+    resumed = train_bitfit(backbone, toy, [], hp, 5, record(events), tmp_path / "resumed")
+    assert events[0].step == 7  # continued after the step-6 checkpoint, not from scratch
+    assert resumed.artifact == whole.artifact
+    state = backbone.model.state_dict()
+    assert all(torch.equal(state[name], w) for name, w in weights.items()) and no_hooks(backbone.model)
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     hp = Hyperparameters(steps=10, learning_rate=1.0, warmup_steps=4, decay="cosine")
     rates = [learning_rate_at(hp, step) for step in range(1, 11)]
@@ -242,11 +320,12 @@ def test_divergence_fails_without_an_artifact(backbone, toy, tmp_path):
     with torch.no_grad():  # a token every prompt ends with ("Answer") now embeds to inf: the loss is NaN
         poisoned.get_input_embeddings().weight[toy[0].prompt_ids[-2]] = float("inf")
     broken = dataclasses.replace(backbone, model=poisoned)
-    for kind in ("lora", "ia3", "prompt"):
+    for kind in ("lora", "ia3", "bitfit", "prompt"):
         with pytest.raises(TrainingFailedError, match="diverged at step 1: the loss is nan"):
-            train_peft(broken, kind, toy, toy, HP[kind], 0, lambda e: None, tmp_path / kind)
+            train(broken, kind, toy, toy, HP[kind], 0, lambda e: None, tmp_path / kind)
         assert not (tmp_path / kind / "peft").exists()
-    assert not hasattr(poisoned, "peft_config")  # LoRA and IA3 were unloaded even though the jobs failed
+    # LoRA and IA3 were unloaded and BitFit's hooks removed even though the jobs failed
+    assert not hasattr(poisoned, "peft_config") and no_hooks(poisoned)
 
 
 def spec(kind="prompt", **fields) -> JobSpec:
@@ -289,6 +368,21 @@ def test_run_job_trains_ia3_with_the_whole_context_and_cards_it(backbone, tmp_pa
         "best_baseline_exact_match"]
 
 
+def test_run_job_trains_bitfit_with_progress_evals_and_cards_it(backbone, tmp_path):
+    events = []
+    job = spec("bitfit", hyperparameters={"steps": 2, "batch_size": 2, "max_length": 32, "eval_every": 1,
+                                          "bitfit_targets": ["o_proj", "gate_proj"]})
+    result = run_job(job, backbone, LocalStore(tmp_path / "store"), record(events), tmp_path / "job")
+    assert result.kind == "bitfit" and result.card["kind"] == "bitfit"
+    assert list(result.card["hyperparameters"]["bitfit_targets"]) == ["o_proj", "gate_proj"]
+    arch = backbone.arch  # o_proj's output is hidden-sized, gate_proj's intermediate-sized
+    assert result.card["num_parameters"] == arch.num_layers * (arch.hidden_size + arch.intermediate_size)
+    assert set(events[0].eval_metrics) >= {"exact_match", "eval_loss"}  # evaluated with the live biases
+    assert result.metrics["lift_over_best_baseline"] == result.metrics["exact_match"] - result.metrics[
+        "best_baseline_exact_match"]
+    assert no_hooks(backbone.model)
+
+
 def test_the_instruction_is_validated(tmp_path):
     with pytest.raises(TrainingDataError, match="expected 'instruction' to be non-empty text of at most 2048"):
         spec(instruction="   ")
@@ -320,6 +414,12 @@ def test_run_job_bad_data_names_the_example(backbone, tmp_path):
     # A spec built in code, not parsed: the trainer refuses what the server could not scale.
     unparsed = dataclasses.replace(spec("ia3"), hyperparameters=Hyperparameters(ia3_targets=("q_proj", "lm_head")))
     with pytest.raises(TrainingDataError, match=r"hyperparameters.ia3_targets among .* found \['lm_head'\]"):
+        run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
+    unparsed = dataclasses.replace(spec("bitfit"), hyperparameters=Hyperparameters(bitfit_targets=("lm_head",)))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.bitfit_targets among .* found \['lm_head'\]"):
+        run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
+    unparsed = dataclasses.replace(spec("bitfit"), hyperparameters=Hyperparameters(bitfit_targets=()))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.bitfit_targets to name at least one projection"):
         run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
     assert store.list_tasks() == {}
 

@@ -14,7 +14,8 @@ from prefixserve.errors import AdapterError
 if TYPE_CHECKING:
     from prefixserve.adapters_store.artifact import Artifact
 
-_IA3_NAME = re.compile(r"layers\.(\d+)\.(" + "|".join(LORA_TARGETS) + r")\.ia3")
+# Layer numbers without leading zeros: "layers.01" and "layers.1" would name one vector twice.
+_IA3_NAME = re.compile(r"layers\.(0|[1-9]\d*)\.(" + "|".join(LORA_TARGETS) + r")\.ia3")
 
 
 class IA3Kind(AdapterKind):
