@@ -168,3 +168,11 @@ def test_bitfit_without_an_arch_checks_only_what_the_artifact_says():
     get_kind("bitfit").validate(config, wide, None, None)
     with pytest.raises(AdapterError, match=r"layers.0.q_proj.bias of shape \[\*\], found \[2, 32\]"):
         get_kind("bitfit").validate(config, {**tensors, "layers.0.q_proj.bias": torch.zeros(2, 32)}, None, None)
+
+
+def test_lora_refuses_a_layer_named_twice():
+    config, tensors = valid_parts("lora")
+    twice = {**tensors, "layers.01.q_proj.lora_a": tensors["layers.1.q_proj.lora_a"],
+             "layers.01.q_proj.lora_b": tensors["layers.1.q_proj.lora_b"]}
+    with pytest.raises(AdapterError, match=r"unexpected \['layers.01.q_proj.lora_a', 'layers.01.q_proj.lora_b'\]"):
+        get_kind("lora").validate(config, twice, TINY_ARCH, None)

@@ -4,6 +4,7 @@ shared checks that say what was expected and what was found."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -143,6 +144,35 @@ def check_tensors(kind: str, tensors: Tensors, expected: dict[str, Shape],
         found = tuple(tensors[name].shape)
         if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
             raise AdapterError(f"{kind}: expected {name} of shape {fmt(shape)}, found {fmt(found)}")
+
+
+def check_projection_names(kind: str, field: str, names: list, allowed: tuple[str, ...]) -> None:
+    """A config list of projections: sorted, distinct, each one of `allowed`."""
+    if not all(isinstance(t, str) for t in names) or names != sorted(set(names)) or not set(names) <= set(allowed):
+        raise AdapterError(f"{kind}: expected {field} as a sorted list of distinct names from {list(allowed)}, "
+                           f"found {names}")
+
+
+def check_per_projection(kind: str, tensors: Tensors, pattern: re.Pattern, arch: LlamaArch | None,
+                         expect: Callable[[re.Match], dict[str, Shape]], named: str, targets: list,
+                         what: str) -> None:
+    """Tensors named per (layer, projection) by `pattern` (groups: layer, projection, ...): every layer
+    in range, exactly the names and shapes `expect(match)` gives for each match (so a missing partner
+    shows), and config `targets` listing exactly the projections found."""
+    expected: dict[str, Shape] = {}
+    for name in tensors:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue  # reported as unexpected by check_tensors
+        if arch and int(match[1]) >= arch.num_layers:
+            raise AdapterError(f"{kind}: expected layer indices 0..{arch.num_layers - 1}, found {name!r}")
+        expected |= expect(match)
+    if not expected:
+        raise AdapterError(f"{kind}: expected tensors named {named}, found {sorted(tensors)[:8]}")
+    check_tensors(kind, tensors, expected)
+    found = sorted({name.split(".")[2] for name in expected})
+    if found != targets:
+        raise AdapterError(f"{kind}: expected config targets to list the {what} projections {found}, found {targets}")
 
 
 def fmt(shape) -> str:

@@ -7,9 +7,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors, check_tensors
+from prefixserve.adapters_store.kinds.base import (
+    AdapterKind,
+    DeviceTarget,
+    Shape,
+    Tensors,
+    check_per_projection,
+    check_projection_names,
+)
 from prefixserve.adapters_store.kinds.lora import LORA_TARGETS, lora_features
-from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
     from prefixserve.adapters_store.artifact import Artifact
@@ -41,24 +47,11 @@ class BitFitKind(AdapterKind):
     @classmethod
     def _check(cls, config, tensors, arch, limits):
         targets = config["targets"]
-        if (not all(isinstance(t, str) for t in targets) or targets != sorted(set(targets))
-                or not set(targets) <= set(LORA_TARGETS)):
-            raise AdapterError(f"bitfit: expected targets as a sorted list of distinct names from "
-                               f"{list(LORA_TARGETS)}, found {targets}")
+        check_projection_names(cls.name, "targets", targets, LORA_TARGETS)
         features = lora_features(arch) if arch else {}
-        expected: dict[str, Shape] = {}
-        for name in tensors:
-            match = _BIAS_NAME.fullmatch(name)
-            if match is None:
-                continue  # reported as unexpected by check_tensors
-            layer, target = int(match[1]), match[2]
-            if arch and layer >= arch.num_layers:
-                raise AdapterError(f"bitfit: expected layer indices 0..{arch.num_layers - 1}, found {name!r}")
-            expected[name] = (features.get(target, (None, None))[1],)  # the projection's out_features
-        if not expected:
-            raise AdapterError(f"bitfit: expected tensors named layers.<i>.<target>.bias, found {sorted(tensors)[:8]}")
-        check_tensors(cls.name, tensors, expected)
-        found_targets = sorted({name.split(".")[2] for name in expected})
-        if found_targets != targets:
-            raise AdapterError(f"bitfit: expected config targets to list the shifted projections {found_targets}, "
-                               f"found {targets}")
+
+        def expect(match: re.Match) -> dict[str, Shape]:
+            return {match[0]: (features.get(match[2], (None, None))[1],)}  # the projection's out_features
+
+        check_per_projection(cls.name, tensors, _BIAS_NAME, arch, expect, "layers.<i>.<target>.bias", targets,
+                             "shifted")

@@ -7,7 +7,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors, check_tensors
+from prefixserve.adapters_store.kinds.base import (
+    AdapterKind,
+    DeviceTarget,
+    Shape,
+    Tensors,
+    check_per_projection,
+    check_projection_names,
+)
 from prefixserve.adapters_store.kinds.lora import LORA_TARGETS, lora_features
 from prefixserve.errors import AdapterError
 
@@ -43,28 +50,14 @@ class IA3Kind(AdapterKind):
     @classmethod
     def _check(cls, config, tensors, arch, limits):
         targets, feedforward = config["targets"], config["feedforward"]
-        for field, names in (("targets", targets), ("feedforward", feedforward)):
-            if (not all(isinstance(t, str) for t in names) or names != sorted(set(names))
-                    or not set(names) <= set(LORA_TARGETS)):
-                raise AdapterError(f"ia3: expected {field} as a sorted list of distinct names from "
-                                   f"{list(LORA_TARGETS)}, found {names}")
+        check_projection_names(cls.name, "targets", targets, LORA_TARGETS)
+        check_projection_names(cls.name, "feedforward", feedforward, LORA_TARGETS)
         if not set(feedforward) <= set(targets):
             raise AdapterError(f"ia3: expected feedforward to be among targets {targets}, found {feedforward}")
         features = lora_features(arch) if arch else {}
-        expected: dict[str, Shape] = {}
-        for name in tensors:
-            match = _IA3_NAME.fullmatch(name)
-            if match is None:
-                continue  # reported as unexpected by check_tensors
-            layer, target = int(match[1]), match[2]
-            if arch and layer >= arch.num_layers:
-                raise AdapterError(f"ia3: expected layer indices 0..{arch.num_layers - 1}, found {name!r}")
-            fan_in, fan_out = features.get(target, (None, None))
-            expected[name] = (fan_in if target in feedforward else fan_out,)
-        if not expected:
-            raise AdapterError(f"ia3: expected tensors named layers.<i>.<target>.ia3, found {sorted(tensors)[:8]}")
-        check_tensors(cls.name, tensors, expected)
-        found_targets = sorted({name.split(".")[2] for name in expected})
-        if found_targets != targets:
-            raise AdapterError(f"ia3: expected config targets to list the scaled projections {found_targets}, "
-                               f"found {targets}")
+
+        def expect(match: re.Match) -> dict[str, Shape]:
+            fan_in, fan_out = features.get(match[2], (None, None))
+            return {match[0]: (fan_in if match[2] in feedforward else fan_out,)}
+
+        check_per_projection(cls.name, tensors, _IA3_NAME, arch, expect, "layers.<i>.<target>.ia3", targets, "scaled")

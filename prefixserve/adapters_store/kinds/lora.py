@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors, check_tensors
+from prefixserve.adapters_store.kinds.base import (
+    AdapterKind,
+    DeviceTarget,
+    Shape,
+    Tensors,
+    check_per_projection,
+    check_projection_names,
+)
 from prefixserve.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -69,27 +76,14 @@ class LoRAKind(AdapterKind):
             raise AdapterError(f"lora: expected rank {bound}, found {rank}")
         if not math.isfinite(config["alpha"]):
             raise AdapterError(f"lora: expected a finite alpha, found {config['alpha']}")
-        if (not all(isinstance(t, str) for t in targets) or targets != sorted(set(targets))
-                or not set(targets) <= set(LORA_TARGETS)):
-            raise AdapterError(f"lora: expected targets as a sorted list of distinct names from {list(LORA_TARGETS)}, "
-                               f"found {targets}")
+        check_projection_names(cls.name, "targets", targets, LORA_TARGETS)
         features = lora_features(arch) if arch else {}
-        expected: dict[str, Shape] = {}
-        for name in tensors:
-            match = _LORA_NAME.fullmatch(name)
-            if match is None:
-                continue  # reported as unexpected by _check_tensors
-            layer, target = int(match[1]), match[2]
-            if arch and layer >= arch.num_layers:
-                raise AdapterError(f"lora: expected layer indices 0..{arch.num_layers - 1}, found {name!r}")
+
+        def expect(match: re.Match) -> dict[str, Shape]:
+            layer, target = int(match[1]), match[2]  # "layers.01" expects "layers.1": refused as unexpected
             fan_in, fan_out = features.get(target, (None, None))
-            expected[f"layers.{layer}.{target}.lora_a"] = (rank, fan_in)  # A: [r, in_features]
-            expected[f"layers.{layer}.{target}.lora_b"] = (fan_out, rank)  # B: [out_features, r]
-        if not expected:
-            raise AdapterError(f"lora: expected tensors named layers.<i>.<target>.lora_a / lora_b, "
-                               f"found {sorted(tensors)[:8]}")
-        check_tensors(cls.name, tensors, expected)
-        found_targets = sorted({name.split(".")[2] for name in expected})
-        if found_targets != targets:
-            raise AdapterError(f"lora: expected config targets to list the adapted projections {found_targets}, "
-                               f"found {targets}")
+            return {f"layers.{layer}.{target}.lora_a": (rank, fan_in),  # A: [r, in_features]
+                    f"layers.{layer}.{target}.lora_b": (fan_out, rank)}  # B: [out_features, r]
+
+        check_per_projection(cls.name, tensors, _LORA_NAME, arch, expect, "layers.<i>.<target>.lora_a / lora_b",
+                             targets, "adapted")
