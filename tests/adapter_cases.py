@@ -155,7 +155,8 @@ def require_reference_uses_adapter(model: PeftModel | BiasHooks, token_ids: list
     if torch.equal(with_adapter, without):
         kind = model.adapter_type if isinstance(model, BiasHooks) else \
             model.peft_config[model.active_adapter].peft_type.value
-        pytest.fail(f"reference broken: {type(model).__name__} ignores its {kind} adapter with "
+        reference = "BiasHooks" if isinstance(model, BiasHooks) else "PeftModel"  # not peft's subclass name
+        pytest.fail(f"reference broken: {reference} ignores its {kind} adapter with "
                     f"{library_versions()}; the parity tests need a reference that applies it (see "
                     f"requirements.lock)", pytrace=False)
 

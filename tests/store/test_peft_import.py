@@ -247,7 +247,7 @@ REFUSED = {
                                      feedforward_modules=[])), LIMITS,
                     r"only IA3 vectors .* in decoder layers, found 2 others, e.g. 'base_model.model.lm_head"),
     "ia3_other_hidden": (_saved(_ia3(), hidden_size=128), LIMITS,
-                         r"layers.0.[kv]_proj.ia3 of shape \[32\], found \[64\]"),
+                         r"layers\.\d\.[kv]_proj\.ia3 of shape \[32\], found \[64\]"),
     "ia3_modules_to_save": (_saved(_ia3(modules_to_save=["lm_head"])), LIMITS, r"no modules_to_save"),
     "nan": (_with_nan, LIMITS, r"finite values in tensor 'layers.0.k_proj.lora_a', found 1 NaN/Inf"),
     # finite in float64 (where JSON and Python hold it), but alpha / r overflows the engine's float32
