@@ -138,9 +138,10 @@ def _convert_prompt(cfg: dict, tensors: dict, arch: LlamaArch):
     return "prompt", {"num_virtual_tokens": num_tokens}, {"embeddings": embeddings}  # [P, hidden]
 
 
-_LORA_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\."
-                       r"(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-                       r"\.lora_(A|B)\.weight")
+# A decoder layer's projection as peft names it: groups (layer, attention target, MLP target).
+_PEFT_PROJECTION = (r"base_model\.model\.(?:model\.)?layers\.(\d+)\."
+                    r"(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+_LORA_KEY = re.compile(_PEFT_PROJECTION + r"\.lora_(A|B)\.weight")
 # Options that change what the adapter computes, or need base weights we do not have: refused.
 _UNSERVED_LORA_OPTIONS = {
     "use_dora": "DoRA rescales each weight by a learned magnitude, which the batched LoRA op does not do",
@@ -197,8 +198,7 @@ def _convert_lora(cfg: dict, tensors: dict, arch: LlamaArch):
     return "lora", config, lora
 
 
-_IA3_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\."
-                      r"(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))\.ia3_l")
+_IA3_KEY = re.compile(_PEFT_PROJECTION + r"\.ia3_l")
 
 
 def _convert_ia3(cfg: dict, tensors: dict, arch: LlamaArch):

@@ -70,7 +70,7 @@ class LLMEngine:
         self.pool_tokens = num_pages * page_size  # what one request's own tokens can never outgrow
         # Vector rows (IA3) are a few hundred KB each: room for every running sequence's task twice over.
         self.runner = ModelRunner(backbone, num_pages, page_size, self._lora_pool_rows(backbone, config),
-                                  vector_pool_rows=2 * config.scheduler.max_num_seqs)
+                                  2 * config.scheduler.max_num_seqs)
         self.store = store if store is not None else LocalStore(Path(tempfile.mkdtemp(prefix="prefixserve-adapters-")))
         self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters, self.store,
                                        config.host_cache_bytes)

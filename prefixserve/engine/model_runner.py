@@ -48,7 +48,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, backbone: Backbone, num_pages: int, page_size: int, lora_pool_rows: int,
-                 vector_pool_rows: int = 64):
+                 vector_pool_rows: int):
         self.backbone = backbone
         self.page_size = page_size
         a = backbone.arch

@@ -29,7 +29,6 @@ class VectorAllocation:
     """Where one resident task's vectors live."""
 
     row: int
-    keys: frozenset[tuple[str, str]]  # the (mode, target) pools it wrote
 
 
 class VectorPool:
@@ -55,11 +54,10 @@ class VectorPool:
             raise EngineOverloadedError(f"the vector pool's {self.max_rows} rows are all held by tasks in use; "
                                         f"retry when running requests end")
         row = self._free.pop()
-        keys = frozenset((mode, target) for _, target, mode in vectors)
         try:
             self._grow(row)
-            for key in keys:
-                self._pool(*key)
+            for _, target, mode in vectors:
+                self._pool(mode, target)
             for (mode, _), pool in self.pools.items():  # a reused row may hold an old task's values
                 pool[:, row] = VECTOR_MODES[mode][1]
             for (layer, target, mode), vector in vectors.items():
@@ -68,7 +66,7 @@ class VectorPool:
             self._free.append(row)
             self._free.sort(reverse=True)
             raise
-        return VectorAllocation(row, keys)
+        return VectorAllocation(row)
 
     def free(self, allocation: VectorAllocation) -> None:
         self._free.append(allocation.row)

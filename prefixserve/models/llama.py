@@ -179,11 +179,10 @@ class DecoderLayer(nn.Module):
         qkv_slices = {"q_proj": slice(0, q_end), "k_proj": slice(q_end, k_end), "v_proj": slice(k_end, None)}
         if vectors is not None:
             self._rescale_fused_inputs(vectors, self.qkv_proj, x, qkv, qkv_slices)
-        if lora is not None:
-            for target, columns in qkv_slices.items():
+        for target, columns in qkv_slices.items():
+            if lora is not None:
                 lora.apply(self.index, target, x, qkv[:, columns])
-        if vectors is not None:
-            for target, columns in qkv_slices.items():
+            if vectors is not None:
                 vectors.apply_output(self.index, target, qkv[:, columns])
         qk, v = qkv.split([(a.num_heads + a.num_kv_heads) * a.head_dim, a.num_kv_heads * a.head_dim], dim=-1)
         qk = qk.view(num_tokens, a.num_heads + a.num_kv_heads, a.head_dim)
