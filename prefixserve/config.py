@@ -75,10 +75,12 @@ class AdapterLimits:
     max_lora_rank: int = 64  # the LoRA pool holds ranks 1..this side by side, each adapter at its own rank
     max_virtual_tokens: int = 512
     max_intrinsic_dim: int = 1024
+    max_bottleneck_size: int = 64  # an adapter-kind task's bottleneck width, in rows of its pool
     max_artifact_bytes: int = 256 << 20
 
     def __post_init__(self):
-        for name in ("max_lora_rank", "max_virtual_tokens", "max_intrinsic_dim", "max_artifact_bytes"):
+        for name in ("max_lora_rank", "max_virtual_tokens", "max_intrinsic_dim", "max_bottleneck_size",
+                     "max_artifact_bytes"):
             expect(getattr(self, name) > 0, ConfigError, f"{name} must be positive, found {getattr(self, name)}")
 
 

@@ -1,5 +1,6 @@
 """PEFT adapters made by peft itself, for parity tests: one factory per served configuration; and
-references for the kinds peft has no type for (BitFit: `BiasHooks`), called as a PeftModel is."""
+references for the kinds peft has no type for (BitFit: `BiasHooks`, bottleneck adapters:
+`BottleneckHooks`), called as a PeftModel is."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from prefixserve.training.adapter_guard import library_versions
 
 CAUSAL = TaskType.CAUSAL_LM
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def peft_configs(tokenizer_dir: Path) -> dict[str, object]:
@@ -76,24 +78,26 @@ def make_peft_adapter(base, config, out_dir: Path, seed: int) -> PeftModel:
     return PeftModel.from_pretrained(own_base(), out_dir).eval()
 
 
-class BiasHooks:
-    """BitFit's reference: the transformers model with each bias added to its projection's output by a
-    forward hook on that nn.Linear. The hooks are on only while this reference is called, so the base it
-    shares with other references (and plain-backbone ones) is the bare model between calls. Called and
-    disabled (`disable_adapter`) as a PeftModel is, so the helpers below take either."""
+class OutputHooks:
+    """A reference for a kind peft has no type for: the transformers model with forward hooks that
+    change chosen modules' outputs (`_hooks`). The hooks are on only while this reference is called, so
+    the base it shares with other references (and plain-backbone ones) is the bare model between calls.
+    Called and disabled (`disable_adapter`) as a PeftModel is, so the helpers below take either."""
 
-    adapter_type = "BITFIT"
+    adapter_type: str
 
-    def __init__(self, base, biases: dict[tuple[int, str], torch.Tensor]):
-        self.base, self.biases = base, biases  # (layer, target) -> [out_features]
+    def __init__(self, base):
+        self.base, self.enabled = base, True
+
+    def _hooks(self) -> list[tuple[str, object]]:
+        """(module path, hook(module, args, output) -> new output)."""
+        raise NotImplementedError
 
     def __call__(self, **inputs):
         handles = []
         try:
-            for (layer, target), bias in self.biases.items():
-                block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                linear = self.base.get_submodule(f"model.layers.{layer}.{block}.{target}")
-                handles.append(linear.register_forward_hook(lambda module, args, output, bias=bias: output + bias))
+            for path, hook in self._hooks() if self.enabled else []:
+                handles.append(self.base.get_submodule(path).register_forward_hook(hook))
             return self.base(**inputs)
         finally:
             for handle in handles:
@@ -101,11 +105,51 @@ class BiasHooks:
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        biases, self.biases = self.biases, {}
+        self.enabled = False
         try:
             yield
         finally:
-            self.biases = biases
+            self.enabled = True
+
+
+class BiasHooks(OutputHooks):
+    """BitFit's reference: each bias added to its projection's output."""
+
+    adapter_type = "BITFIT"
+
+    def __init__(self, base, biases: dict[tuple[int, str], torch.Tensor]):
+        super().__init__(base)
+        self.biases = biases  # (layer, target) -> [out_features]
+
+    def _hooks(self):
+        return [(f"model.layers.{layer}.{'self_attn' if target in ATTENTION else 'mlp'}.{target}",
+                 lambda module, args, output, bias=bias: output + bias)
+                for (layer, target), bias in self.biases.items()]
+
+
+class BottleneckHooks(OutputHooks):
+    """Bottleneck adapters' reference, written from the papers' definition (Houlsby et al. 2019): the
+    attention block's output (its o_proj's) and the MLP's (its down_proj's) y become
+    y + up(act(down(y) + down_bias)) + up_bias, in fp32."""
+
+    adapter_type = "ADAPTER"
+
+    def __init__(self, base, weights: dict[tuple[int, str], tuple[torch.Tensor, ...]], activation: str):
+        super().__init__(base)
+        self.weights = weights  # (layer, placement) -> (down [r, hidden], down_bias [r], up [hidden, r], up_bias)
+        self.activation = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu,
+                           "tanh": torch.tanh}[activation]
+
+    def _hooks(self):
+        def adds(down, down_bias, up, up_bias):
+            def hook(module, args, output):
+                y = output.float()
+                h = self.activation(y @ down.float().T + down_bias.float())
+                return (y + h @ up.float().T + up_bias.float()).to(output.dtype)
+            return hook
+
+        return [(f"model.layers.{layer}.{'self_attn.o_proj' if placement == 'attention' else 'mlp.down_proj'}",
+                 adds(*tensors)) for (layer, placement), tensors in self.weights.items()]
 
 
 def bitfit_case(base, fingerprint: dict, scale: float, seed: int = 91) -> tuple[bytes, BiasHooks]:
@@ -126,8 +170,28 @@ def bitfit_case(base, fingerprint: dict, scale: float, seed: int = 91) -> tuple[
     return artifact, BiasHooks(base, biases)
 
 
+def bottleneck_case(base, fingerprint: dict, scale: float, size: int = 6, activation: str = "gelu",
+                    seed: int = 93) -> tuple[bytes, BottleneckHooks]:
+    """A random bottleneck-adapter task: (artifact bytes, its reference). Houlsby placements (after
+    attention and after the MLP) in even layers, Pfeiffer's (after the MLP only) in odd ones; every
+    tensor ~ N(0, scale), biases included, so none of them can be dropped unseen."""
+    from prefixserve.adapters_store.format import encode_artifact
+
+    g, weights = torch.Generator().manual_seed(seed), {}
+    hidden = base.config.hidden_size
+    for layer in range(base.config.num_hidden_layers):
+        for placement in ("attention", "mlp") if layer % 2 == 0 else ("mlp",):
+            weights[(layer, placement)] = tuple(torch.randn(shape, generator=g) * scale for shape in
+                                                ((size, hidden), (size,), (hidden, size), (hidden,)))
+    tensors = {f"layers.{layer}.{placement}.{part}": tensor for (layer, placement), parts in weights.items()
+               for part, tensor in zip(("down", "down_bias", "up", "up_bias"), parts)}
+    artifact = encode_artifact("adapter", {"size": size, "placements": ["attention", "mlp"],
+                                           "activation": activation}, tensors, fingerprint)
+    return artifact, BottleneckHooks(base, weights, activation)
+
+
 @torch.inference_mode()
-def peft_greedy(model: PeftModel | BiasHooks, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def peft_greedy(model: PeftModel | OutputHooks, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """PEFT's greedy tokens: PeftModel's own forward over the whole sequence at every step. Not
     `PeftModel.generate`, whose cache handling is where upgrades break (transformers 5.24 with peft 0.21
     dropped prefixes and soft prompts there); the forward is what defines each kind's output."""
@@ -139,13 +203,13 @@ def peft_greedy(model: PeftModel | BiasHooks, prompt_ids: list[int], max_new_tok
 
 
 @torch.inference_mode()
-def peft_last_logits(model: PeftModel | BiasHooks, token_ids: list[int]) -> torch.Tensor:
+def peft_last_logits(model: PeftModel | OutputHooks, token_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([token_ids])
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
 
 
 @torch.inference_mode()
-def require_reference_uses_adapter(model: PeftModel | BiasHooks, token_ids: list[int]) -> None:
+def require_reference_uses_adapter(model: PeftModel | OutputHooks, token_ids: list[int]) -> None:
     """Fail as "reference broken" (not as a parity mismatch) when the reference's output is the bare
     backbone's: then the installed transformers/peft pair ignores the adapter (or its hooks), and the
     engine's output cannot be judged against it."""
@@ -153,9 +217,10 @@ def require_reference_uses_adapter(model: PeftModel | BiasHooks, token_ids: list
     with model.disable_adapter():
         without = peft_last_logits(model, token_ids)
     if torch.equal(with_adapter, without):
-        kind = model.adapter_type if isinstance(model, BiasHooks) else \
+        kind = model.adapter_type if isinstance(model, OutputHooks) else \
             model.peft_config[model.active_adapter].peft_type.value
-        reference = "BiasHooks" if isinstance(model, BiasHooks) else "PeftModel"  # not peft's subclass name
+        # the reference's class, but PeftModel rather than peft's subclass name
+        reference = type(model).__name__ if isinstance(model, OutputHooks) else "PeftModel"
         pytest.fail(f"reference broken: {reference} ignores its {kind} adapter with "
                     f"{library_versions()}; the parity tests need a reference that applies it (see "
                     f"requirements.lock)", pytrace=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prefixserve.engine.bottleneck_pool import BottleneckAllocation
 from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.vector_pool import VectorAllocation
 
@@ -19,4 +20,5 @@ class AdapterHandle:
     prefix_len: int = 0
     lora: LoRAAllocation | None = None
     vectors: VectorAllocation | None = None
+    bottleneck: BottleneckAllocation | None = None
     num_users: int = 0  # requests holding it

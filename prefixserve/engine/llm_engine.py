@@ -17,6 +17,7 @@ from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.store import AdapterStore
 from prefixserve.config import EngineConfig
 from prefixserve.engine.adapters import AdapterManager
+from prefixserve.engine.bottleneck_pool import pool_rows_for as bottleneck_rows_for
 from prefixserve.engine.detokenizer import IncrementalDetokenizer
 from prefixserve.engine.fault_isolation import execute_by_version
 from prefixserve.engine.kv_pages import KVPageManager
@@ -68,9 +69,12 @@ class LLMEngine:
         num_pages = config.cache.num_pages or self._default_num_pages(backbone, config)
         self.pages = KVPageManager(num_pages, page_size)
         self.pool_tokens = num_pages * page_size  # what one request's own tokens can never outgrow
-        # Vector rows (IA3) are a few hundred KB each: room for every running sequence's task twice over.
+        # Vector rows (IA3, BitFit) are a few hundred KB each: room for every running sequence's task twice
+        # over. Bottleneck rows (~280 KB on SmolLM2 fp32): max_num_seqs adapters of size 16.
         self.runner = ModelRunner(backbone, num_pages, page_size, self._lora_pool_rows(backbone, config),
-                                  2 * config.scheduler.max_num_seqs)
+                                  2 * config.scheduler.max_num_seqs,
+                                  bottleneck_rows_for(config.scheduler.max_num_seqs,
+                                                      config.adapters.max_bottleneck_size))
         self.store = store if store is not None else LocalStore(Path(tempfile.mkdtemp(prefix="prefixserve-adapters-")))
         self.adapters = AdapterManager(backbone, self.runner, self.pages, config.adapters, self.store,
                                        config.host_cache_bytes)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from prefixserve.adapters_store.kinds import lora_features
+from prefixserve.engine.pool_rows import RowFreeList, grown_capacity
 from prefixserve.errors import ConfigError, EngineOverloadedError
-from prefixserve.kernels.lora_meta import ZERO_ROW
 from prefixserve.models.llama import LlamaArch
 
 INITIAL_ROWS = 256  # storage before the first growth (plus the zero row)
@@ -68,8 +68,7 @@ class LoRAPool:
         self.capacity = min(INITIAL_ROWS, max_rows)  # rows with storage, excluding the zero row
         # per target: a [num_layers, 1 + capacity, in], b [num_layers, 1 + capacity, out]
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Rows 1..max_rows (ZERO_ROW = 0 is never handed out); pop() gives the lowest, so storage stays small.
-        self._free = list(range(max_rows, ZERO_ROW, -1))
+        self._free = RowFreeList(max_rows)  # ZERO_ROW = 0 is never handed out
 
     @property
     def num_free_rows(self) -> int:
@@ -85,7 +84,7 @@ class LoRAPool:
         if rank > len(self._free):
             raise PoolRowsExhausted(f"the LoRA pool has {len(self._free)} free ranks of {self.max_rows}, the "
                                     f"adapter needs {rank}; retry when running adapters end", rank)
-        rows = [self._free.pop() for _ in range(rank)]
+        rows = self._free.take(rank)
         targets = frozenset(target for _, target in weights)
         try:
             self._grow(max(rows))
@@ -101,13 +100,12 @@ class LoRAPool:
                 pool_a[layer, index[:a.shape[0]]] = a.to(self.device, self.dtype)
                 pool_b[layer, index[:a.shape[0]]] = b.T.to(self.device, self.dtype)
         except BaseException:
-            self._free.extend(reversed(rows))
+            self._free.give(rows)
             raise
         return LoRAAllocation(tuple(rows), scaling, targets)
 
     def free(self, allocation: LoRAAllocation) -> None:
-        self._free.extend(allocation.rows)
-        self._free.sort(reverse=True)  # keep handing out the lowest rows, so growth stays rare
+        self._free.give(allocation.rows)
 
     def _pool(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         if target not in self.pools:
@@ -122,9 +120,7 @@ class LoRAPool:
         views of the old tensors are never read after this)."""
         if highest_row <= self.capacity:
             return
-        capacity = self.capacity
-        while capacity < highest_row:
-            capacity = min(2 * capacity, self.max_rows)
+        capacity = grown_capacity(self.capacity, highest_row, self.max_rows)
         for target, (pool_a, pool_b) in list(self.pools.items()):
             grown = []
             for pool in (pool_a, pool_b):

@@ -1,4 +1,4 @@
-"""Owns the device state (KV pool, LoRA pool, vector pool); turns a SchedulerOutput into flat varlen batch
+"""Owns the device state (KV pool, LoRA, vector and bottleneck pools); turns a SchedulerOutput into flat varlen batch
 metadata and runs the backbone. Only the rows that will be sampled reach the LM head."""
 
 from __future__ import annotations
@@ -8,15 +8,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prefixserve.engine.bottleneck_pool import BottleneckAllocation, BottleneckPool
 from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
 from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler_output import SchedulerOutput
 from prefixserve.engine.vector_pool import VectorPool
+from prefixserve.kernels.bottleneck import plan_bottleneck
 from prefixserve.kernels.cascade_plan import plan_cascade
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
-from prefixserve.models.llama import LoRAStep, VectorStep
+from prefixserve.models.llama import BottleneckStep, LoRAStep, VectorStep
 from prefixserve.models.loader import Backbone
 
 # Rows of the LM head computed at once for prompt logprobs: bounds the [rows, vocab] buffers.
@@ -48,7 +50,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, backbone: Backbone, num_pages: int, page_size: int, lora_pool_rows: int,
-                 vector_pool_rows: int):
+                 vector_pool_rows: int, bottleneck_pool_rows: int):
         self.backbone = backbone
         self.page_size = page_size
         a = backbone.arch
@@ -64,6 +66,7 @@ class ModelRunner:
         self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
         self.lora_pool = LoRAPool(a, lora_pool_rows, self.dtype, self.device)
         self.vector_pool = VectorPool(a, vector_pool_rows, self.device)
+        self.bottleneck_pool = BottleneckPool(a, bottleneck_pool_rows, self.dtype, self.device)
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:
@@ -72,9 +75,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, lora, vectors, logits_indices, sampling, scoring = self._prepare(step)
+        input_ids, positions, meta, lora, vectors, bottlenecks, logits_indices, sampling, scoring = self._prepare(step)
         model = self.backbone.model
-        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora, vectors)  # [T, hidden]
+        # [T, hidden]
+        hidden = model(model.embed(input_ids), positions, meta, self.kv_cache, lora, vectors, bottlenecks)
         prompt_logprobs = [self._score_prompt(hidden, job) for job in scoring]
         return StepResult(model.compute_logits(hidden[logits_indices]), sampling, prompt_logprobs)
 
@@ -157,7 +161,7 @@ class ModelRunner:
     def _prepare(self, step: SchedulerOutput):
         page_size = self.page_size
         num_seqs = len(step.requests)
-        token_chunks, position_chunks, slot_chunks, lora_chunks = [], [], [], []
+        token_chunks, position_chunks, slot_chunks, lora_chunks, bottleneck_chunks = [], [], [], [], []
         cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int32)
         seq_lens = np.zeros(num_seqs, dtype=np.int32)
         prefix_lens = np.zeros(num_seqs, dtype=np.int32)
@@ -167,8 +171,10 @@ class ModelRunner:
         page_table = np.zeros((num_seqs, max_pages), dtype=np.int32)
         prefix_page_table = np.zeros((num_seqs, max_prefix_pages), dtype=np.int32)
         logits_indices, sampling, scoring = [], [], []
-        segment_of: dict[int, int] = {}
+        lora_segment_of: dict[int, int] = {}
+        bottleneck_segment_of: dict[int, int] = {}
         lora_segments: list[LoRAAllocation] = []
+        bottleneck_segments: list[BottleneckAllocation] = []
         vector_tokens, vector_rows = [], []  # per sequence of a task with vectors: its token rows, its pool row
         for s, (request, n) in enumerate(zip(step.requests, step.num_new_tokens)):
             start = request.num_computed_tokens
@@ -179,13 +185,10 @@ class ModelRunner:
             token_chunks.append(request.token_ids[start:start + n])
             position_chunks.append(pos + prefix_len)  # real tokens start after the task's virtual tokens
             slot_chunks.append(pages[pos // page_size] * page_size + pos % page_size)
-            allocation = handle.lora if handle is not None else None
-            segment = -1
-            if allocation is not None:  # one segment per resident adapter (its requests and n choices share it)
-                segment = segment_of.setdefault(id(allocation), len(segment_of))
-                if segment == len(lora_segments):
-                    lora_segments.append(allocation)
-            lora_chunks.append(np.full(n, segment, dtype=np.int64))
+            lora_chunks.append(np.full(n, _segment(handle.lora if handle is not None else None, lora_segment_of,
+                                                   lora_segments), dtype=np.int64))
+            bottleneck_chunks.append(np.full(n, _segment(handle.bottleneck if handle is not None else None,
+                                                         bottleneck_segment_of, bottleneck_segments), dtype=np.int64))
             if handle is not None and handle.vectors is not None:
                 vector_tokens.append(np.arange(cu_seqlens[s], cu_seqlens[s] + n, dtype=np.int64))
                 vector_rows.append(np.full(n, handle.vectors.row, dtype=np.int64))
@@ -222,6 +225,13 @@ class ModelRunner:
             lora_meta = lora_batch_metadata(np.concatenate(lora_chunks), [a.rows for a in lora_segments],
                                             [a.scaling for a in lora_segments], device)
             lora = LoRAStep(self.lora_pool.pools, lora_meta)
+        bottlenecks = None
+        if bottleneck_segments:  # as LoRA: grouped by adapter, one plan shared by every layer
+            bottleneck_meta = lora_batch_metadata(np.concatenate(bottleneck_chunks),
+                                                  [a.rows for a in bottleneck_segments],
+                                                  [1.0] * len(bottleneck_segments), device)
+            bottlenecks = BottleneckStep(self.bottleneck_pool.pools, plan_bottleneck(
+                bottleneck_meta, [a.activation for a in bottleneck_segments], [a.slot for a in bottleneck_segments]))
         vectors = None
         if vector_tokens:  # batches without such tasks skip every vector op
             vectors = VectorStep(self.vector_pool.pools, torch.from_numpy(np.concatenate(vector_tokens)).to(device),
@@ -229,4 +239,15 @@ class ModelRunner:
         input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate(position_chunks)).to(device)
         logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=device)
-        return input_ids, positions, meta, lora, vectors, logits_indices, sampling, scoring
+        return input_ids, positions, meta, lora, vectors, bottlenecks, logits_indices, sampling, scoring
+
+
+def _segment(allocation, segment_of: dict[int, int], segments: list) -> int:
+    """The segment of a resident adapter's pool allocation in this step (-1 for None): one per
+    allocation, shared by all its requests and choices, numbered in order of first appearance."""
+    if allocation is None:
+        return -1
+    segment = segment_of.setdefault(id(allocation), len(segments))
+    if segment == len(segments):
+        segments.append(allocation)
+    return segment

@@ -19,6 +19,7 @@ import torch
 from prefixserve.adapters_store.artifact import Artifact
 from prefixserve.adapters_store.kinds import get_kind
 from prefixserve.engine.adapter_handle import AdapterHandle
+from prefixserve.engine.bottleneck_pool import BottleneckAllocation
 from prefixserve.engine.kv_pages import KVPageManager
 from prefixserve.engine.lora_pool import LoRAAllocation
 from prefixserve.engine.model_runner import ModelRunner
@@ -35,7 +36,8 @@ class Placement:
     prefix_pages: list[int] = field(default_factory=list)  # prompt-style kinds: the shared KV prefix
     prefix_len: int = 0
     lora: LoRAAllocation | None = None  # lora: its rows in the pool
-    vectors: VectorAllocation | None = None  # ia3: its row in the vector pool
+    vectors: VectorAllocation | None = None  # ia3, bitfit: its row in the vector pool
+    bottleneck: BottleneckAllocation | None = None  # adapter: its rows in the bottleneck pool
 
 
 class DeviceResidency:
@@ -58,7 +60,7 @@ class DeviceResidency:
         finally:
             self._compiling = None
         handle = AdapterHandle(version, artifact.kind, placement.prefix_pages, placement.prefix_len, placement.lora,
-                               placement.vectors)
+                               placement.vectors, placement.bottleneck)
         self.resident[version] = handle
         return handle
 
@@ -104,6 +106,8 @@ class DeviceResidency:
             self.runner.lora_pool.free(handle.lora)
         if handle.vectors is not None:
             self.runner.vector_pool.free(handle.vectors)
+        if handle.bottleneck is not None:
+            self.runner.bottleneck_pool.free(handle.bottleneck)
 
     def evict_idle(self, enough: Callable[[], bool], holds: Callable[[AdapterHandle], bool] = lambda h: True) -> None:
         """Drop idle versions that `holds` what is short, least recently used first, until `enough`."""
@@ -150,6 +154,13 @@ class DeviceResidency:
         if pool.num_free_rows < rank:
             self.evict_idle(lambda: pool.num_free_rows >= rank, holds=lambda h: h.lora is not None)
         return Placement(lora=pool.load(weights, scaling))
+
+    def install_bottleneck(self, weights: dict[tuple[int, str], tuple[torch.Tensor, ...]], activation: str,
+                           size: int) -> Placement:
+        pool = self.runner.bottleneck_pool
+        if pool.num_free_rows < size:
+            self.evict_idle(lambda: pool.num_free_rows >= size, holds=lambda h: h.bottleneck is not None)
+        return Placement(bottleneck=pool.load(weights, activation, size))
 
     def install_vectors(self, vectors: dict[tuple[int, str, str], torch.Tensor]) -> Placement:
         pool = self.runner.vector_pool

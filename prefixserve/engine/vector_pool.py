@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from prefixserve.adapters_store.kinds import lora_features
+from prefixserve.engine.pool_rows import SHARED_ROW, RowFreeList, grown_capacity
 from prefixserve.errors import EngineOverloadedError
 from prefixserve.models.llama import LlamaArch
 
-IDENTITY_ROW = 0
+IDENTITY_ROW = SHARED_ROW
 INITIAL_ROWS = 16  # storage before the first growth (plus the identity row)
 VECTOR_MODES = {"scale_in": (0, 1.0), "scale_out": (1, 1.0), "shift_out": (1, 0.0)}  # mode -> (features side, identity)
 
@@ -36,7 +37,7 @@ class VectorPool:
         self.arch, self.max_rows, self.device = arch, max_rows, device
         self.capacity = min(INITIAL_ROWS, max_rows)
         self.pools: dict[tuple[str, str], torch.Tensor] = {}  # (mode, target) -> [num_layers, 1 + capacity, features]
-        self._free = list(range(max_rows, IDENTITY_ROW, -1))  # pop() gives the lowest row
+        self._free = RowFreeList(max_rows)
 
     @property
     def num_free_rows(self) -> int:
@@ -53,7 +54,7 @@ class VectorPool:
             # PoolRowsExhausted, which would drain LoRAs for rows they do not hold.
             raise EngineOverloadedError(f"the vector pool's {self.max_rows} rows are all held by tasks in use; "
                                         f"retry when running requests end")
-        row = self._free.pop()
+        [row] = self._free.take(1)
         try:
             self._grow(row)
             for _, target, mode in vectors:
@@ -63,14 +64,12 @@ class VectorPool:
             for (layer, target, mode), vector in vectors.items():
                 self.pools[(mode, target)][layer, row] = vector.to(self.device, torch.float32)
         except BaseException:
-            self._free.append(row)
-            self._free.sort(reverse=True)
+            self._free.give([row])
             raise
         return VectorAllocation(row)
 
     def free(self, allocation: VectorAllocation) -> None:
-        self._free.append(allocation.row)
-        self._free.sort(reverse=True)
+        self._free.give([allocation.row])
 
     def _pool(self, mode: str, target: str) -> torch.Tensor:
         if (mode, target) not in self.pools:
@@ -83,9 +82,7 @@ class VectorPool:
     def _grow(self, highest_row: int) -> None:
         if highest_row <= self.capacity:
             return
-        capacity = self.capacity
-        while capacity < highest_row:
-            capacity = min(2 * capacity, self.max_rows)
+        capacity = grown_capacity(self.capacity, highest_row, self.max_rows)
         for (mode, target), pool in list(self.pools.items()):
             new = torch.full((pool.shape[0], 1 + capacity, pool.shape[2]), VECTOR_MODES[mode][1],
                              dtype=torch.float32, device=self.device)

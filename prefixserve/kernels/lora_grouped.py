@@ -30,6 +30,8 @@ class _Group:
     targets: torch.Tensor  # [num_valid] int64: token rows of y for the valid entries
     scaling: torch.Tensor  # [g, 1, 1] fp32
     shape: tuple[int, int, int]  # g, T, R
+    segments: list[int]  # [g] the segment of each adapter in the group
+    key: object = None  # what its segments share besides the rank bucket (plan_groups' segment_keys)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class _Single:
     rows: torch.Tensor  # [r] int64
     tokens: torch.Tensor  # [n] int64
     scaling: float
+    segment: int
 
 
 @dataclass
@@ -52,24 +55,26 @@ def _bucket(rank: int) -> int:
     return bucket
 
 
-def plan_groups(meta: LoRABatchMetadata) -> GroupedPlan:
-    """Host-side grouping of the step's segments, built once and reused by every projection."""
+def plan_groups(meta: LoRABatchMetadata, segment_keys: list | None = None) -> GroupedPlan:
+    """Host-side grouping of the step's segments, built once and reused by every projection.
+    segment_keys[s]: segments group together only with others of an equal key (a bottleneck's activation)."""
     token_indices = meta.token_indices.cpu().long()
     starts = meta.segment_start_offsets.cpu().tolist()
     rows_table = meta.segment_rows.cpu().long()
     scaling = meta.segment_scaling.cpu().tolist()
-    buckets: dict[int, list[int]] = {}
+    buckets: dict[tuple, list[int]] = {}  # (key, rank bucket) -> segments
     singles = []
     for s, (count, rank) in enumerate(zip(meta.host_counts, meta.host_ranks)):
         if count == 0 or rank == 0:
             continue
         if count > MAX_GROUPED_TOKENS:
             tokens = token_indices[starts[s]:starts[s] + count]
-            singles.append(_Single(rows_table[s, :rank].clone(), tokens, scaling[s]))
+            singles.append(_Single(rows_table[s, :rank].clone(), tokens, scaling[s], s))
         else:
-            buckets.setdefault(_bucket(rank), []).append(s)
+            key = segment_keys[s] if segment_keys is not None else None
+            buckets.setdefault((key, _bucket(rank)), []).append(s)
     groups = []
-    for rank_bucket, segments in sorted(buckets.items()):
+    for (key, rank_bucket), segments in buckets.items():
         g, longest = len(segments), max(meta.host_counts[s] for s in segments)
         rows = torch.full((g, rank_bucket), ZERO_ROW, dtype=torch.long)
         tokens = torch.empty(g, longest, dtype=torch.long)
@@ -87,7 +92,7 @@ def plan_groups(meta: LoRABatchMetadata) -> GroupedPlan:
             rows.flatten(), tokens.flatten(), None if all_valid else flat_valid,
             tokens.flatten() if all_valid else tokens.flatten()[flat_valid],
             torch.tensor([scaling[s] for s in segments], dtype=torch.float32).view(g, 1, 1),
-            (g, longest, rank_bucket)))
+            (g, longest, rank_bucket), segments, key))
     return GroupedPlan(groups, singles)
 
 

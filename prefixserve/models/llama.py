@@ -17,6 +17,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from prefixserve.errors import ModelLoadError
+from prefixserve.kernels.bottleneck import BottleneckPlan, add_bottleneck
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora import add_lora
 from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups
@@ -119,6 +120,22 @@ class VectorStep:
         y[idx] = out.to(y.dtype)
 
 
+@dataclass
+class BottleneckStep:
+    """This step's bottleneck adapters (engine/bottleneck_pool.py): per placement the pool's tensors,
+    and the tokens grouped by adapter (`plan`, see kernels/bottleneck.py), shared by every layer."""
+
+    pools: dict[str, dict[str, torch.Tensor]]  # placement -> down, down_bias, up, up_bias
+    plan: BottleneckPlan
+
+    def apply(self, layer: int, placement: str, y: torch.Tensor) -> None:
+        """y += up(act(down(y))) on the adapters' tokens, in place; y: the sublayer's output [T, hidden]."""
+        pool = self.pools.get(placement)
+        if pool is not None:
+            add_bottleneck(y, pool["down"][layer], pool["down_bias"][layer], pool["up"][layer], pool["up_bias"][layer],
+                           self.plan)
+
+
 def rope_tables(config: PretrainedConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [max_len, head_dim] in fp32, computed exactly as transformers does per position."""
     rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
@@ -169,7 +186,7 @@ class DecoderLayer(nn.Module):
         self.scale = arch.head_dim ** -0.5
 
     def forward(self, hidden, cos, sin, meta: PagedAttentionMetadata, k_cache, v_cache, lora: LoRAStep | None,
-                vectors: VectorStep | None = None):
+                vectors: VectorStep | None = None, bottlenecks: BottleneckStep | None = None):
         # hidden: [T, hidden]; cos, sin: [T, 1, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D]
         a = self.arch
         num_tokens = hidden.shape[0]
@@ -192,6 +209,8 @@ class DecoderLayer(nn.Module):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale).view(num_tokens, -1)  # [T, H * D]
         out = self._project(self.o_proj, "o_proj", attn, lora, vectors)
+        if bottlenecks is not None:
+            bottlenecks.apply(self.index, "attention", out)
         hidden = hidden + out
         x = self.post_attention_layernorm(hidden)
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
@@ -205,7 +224,10 @@ class DecoderLayer(nn.Module):
                 vectors.apply_output(self.index, target, gate_up[:, columns])
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        return hidden + self._project(self.down_proj, "down_proj", act, lora, vectors)
+        out = self._project(self.down_proj, "down_proj", act, lora, vectors)
+        if bottlenecks is not None:
+            bottlenecks.apply(self.index, "mlp", out)
+        return hidden + out
 
     def _project(self, proj: nn.Linear, target: str, x: torch.Tensor, lora: LoRAStep | None,
                  vectors: VectorStep | None) -> torch.Tensor:
@@ -260,13 +282,14 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,  # [num_layers, 2, num_pages, page_size, Hkv, D]
         lora: LoRAStep | None = None,
         vectors: VectorStep | None = None,
+        bottlenecks: BottleneckStep | None = None,
     ) -> torch.Tensor:  # [T, hidden], before the final norm
         dtype = input_embeds.dtype
         cos = self.rope_cos[positions].to(dtype)[:, None, :]  # [T, 1, D]
         sin = self.rope_sin[positions].to(dtype)[:, None, :]
         hidden = input_embeds
         for layer, layer_cache in zip(self.layers, kv_cache):
-            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1], lora, vectors)
+            hidden = layer(hidden, cos, sin, meta, layer_cache[0], layer_cache[1], lora, vectors, bottlenecks)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

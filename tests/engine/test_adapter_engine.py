@@ -61,6 +61,21 @@ def ia3_artifact(engine, seed):
     return artifact(engine, "ia3", {"targets": ["down_proj", "v_proj"], "feedforward": ["down_proj"]}, tensors)
 
 
+def bottleneck_artifact(engine, seed, size=8):
+    """Houlsby placements in every layer, tensors ~ N(0, 0.3)."""
+    g, hidden = torch.Generator().manual_seed(seed), engine.backbone.arch.hidden_size
+    tensors = {}
+    for i in range(engine.backbone.arch.num_layers):
+        for placement in ("attention", "mlp"):
+            stem = f"layers.{i}.{placement}"
+            tensors |= {f"{stem}.down": 0.3 * torch.randn(size, hidden, generator=g),
+                        f"{stem}.down_bias": 0.3 * torch.randn(size, generator=g),
+                        f"{stem}.up": 0.3 * torch.randn(hidden, size, generator=g),
+                        f"{stem}.up_bias": 0.3 * torch.randn(hidden, generator=g)}
+    return artifact(engine, "adapter", {"size": size, "placements": ["attention", "mlp"], "activation": "silu"},
+                    tensors)
+
+
 def run(engine, prompt, task):
     return engine.generate([prompt], GREEDY, tasks=[task])[0]
 
@@ -245,6 +260,38 @@ def test_vector_pool_is_a_device_cache(tiny_backbone):
     assert waiting.output_token_ids == alone["ia3-a"].token_ids
     resident = sum(h.vectors is not None for h in engine.adapters.device.resident.values())
     assert engine.runner.vector_pool.num_free_rows + resident == 2
+
+
+def test_bottleneck_pool_is_a_device_cache(tiny_backbone):
+    """Bottleneck adapters take their size in rows of a pool bounded at max_num_seqs adapters of size
+    16 (here 16 rows: two of size 8): idle ones are evicted, and while pinned requests hold every row
+    a third adapter's request waits, then is served exactly as alone; no row leaks."""
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                   scheduler=SchedulerConfig(max_num_seqs=1),
+                                                   adapters=AdapterLimits(max_bottleneck_size=8)))
+    pool = engine.runner.bottleneck_pool
+    assert pool.max_rows == 16
+    for i, name in enumerate(("adapter-a", "adapter-b", "adapter-c")):
+        engine.register_adapter(name, bottleneck_artifact(engine, seed=i))
+    prompt = random_prompts([5], seed=6)[0]
+    alone = {name: run(engine, prompt, name) for name in ("adapter-a", "adapter-b", "adapter-c")}
+    assert len({tuple(c.logprobs) for c in alone.values()} | {tuple(run(engine, prompt, None).logprobs)}) == 4
+    assert engine.adapters.device.evictions >= 1
+
+    long = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name)
+              for name in ("adapter-b", "adapter-c")]
+    engine.step()
+    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="adapter-a")
+    for _ in range(5):
+        engine.step()
+        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # every row is pinned
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.num_output_tokens == 12 for r in pinned)
+    assert waiting.output_token_ids == alone["adapter-a"].token_ids
+    resident = sum(h.bottleneck.size for h in engine.adapters.device.resident.values() if h.bottleneck)
+    assert pool.num_free_rows + resident == 16
 
 
 def test_weighted_tenant_shares_hold_while_loras_drain_and_evict(tiny_backbone, monkeypatch):

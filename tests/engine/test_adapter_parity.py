@@ -1,11 +1,19 @@
 """Every PEFT kind, created and saved by peft, imported and served in ONE running batch together
-with the other tasks (IPT, and BitFit against forward hooks on the transformers model: peft has no
-BitFit) and plain-backbone requests: greedy tokens equal the reference's, fp32 logits within 1e-4 of
-the largest logit; on the tiny model and on SmolLM2."""
+with the other tasks (IPT, and BitFit and bottleneck adapters against forward hooks on the
+transformers model: peft has neither) and plain-backbone requests: greedy tokens equal the
+reference's, fp32 logits within 1e-4 of the largest logit; on the tiny model and on SmolLM2."""
 
 import pytest
 import torch
-from adapter_cases import bitfit_case, intrinsic_case, make_peft_adapter, peft_configs, peft_greedy, peft_last_logits
+from adapter_cases import (
+    bitfit_case,
+    bottleneck_case,
+    intrinsic_case,
+    make_peft_adapter,
+    peft_configs,
+    peft_greedy,
+    peft_last_logits,
+)
 from helpers import capture_logits, hf_greedy, max_rel_error, random_prompts
 
 from prefixserve.adapters_store.peft_import import import_peft
@@ -20,6 +28,10 @@ GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 PLAIN = (None, "base")
 # BitFit biases ~ N(0, 0.02): logits move by 10 % (tiny) and 19 % (SmolLM2) of the largest, which stays its size
 BIAS_SCALE = 0.02
+# Bottleneck tensors ~ N(0, 0.05): two adapters of different sizes and activations, so the batch groups them apart
+BOTTLENECKS = {"adapter-gelu": {"size": 6, "activation": "gelu", "seed": 93},
+               "adapter-relu": {"size": 3, "activation": "relu", "seed": 94}}
+BOTTLENECK_SCALE = 0.05
 
 
 def make_adapters(base, tokenizer_dir, root):
@@ -51,9 +63,13 @@ def check_parity(base, backbone, adapters, prompts):
     assert engine.register_adapter("ipt", intrinsic).kind == "intrinsic"
     bitfit, bitfit_reference = bitfit_case(base, engine.adapters.fingerprint, BIAS_SCALE)
     assert engine.register_adapter("bitfit", bitfit).kind == "bitfit"
+    references = {"ipt": ipt_reference, "bitfit": bitfit_reference}
+    for name, case in BOTTLENECKS.items():
+        bottleneck, references[name] = bottleneck_case(base, engine.adapters.fingerprint, BOTTLENECK_SCALE, **case)
+        assert engine.register_adapter(name, bottleneck).kind == "adapter"
     hooks_before = [len(m._forward_hooks) for m in base.modules()]
-    # thirteen tasks of every kind, plus the plain backbone
-    adapters = {**adapters, "ipt": (ipt_reference, None), "bitfit": (bitfit_reference, None)}
+    # fifteen tasks of every kind, plus the plain backbone
+    adapters = {**adapters, **{name: (reference, None) for name, reference in references.items()}}
     jobs = [(name, prompts[i % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(name, prompts[(i + 1) % len(prompts)]) for i, name in enumerate(adapters)]
     jobs += [(None, prompts[0]), ("base", prompts[-1])]
@@ -78,7 +94,7 @@ def check_parity(base, backbone, adapters, prompts):
     assert max(worst.values()) < 1e-4, worst
     assert min(steer.values()) > 1e-3, steer  # every adapter really changes what the model says
     assert set(steer) == set(adapters)
-    assert [len(m._forward_hooks) for m in base.modules()] == hooks_before  # BitFit's reference left none behind
+    assert [len(m._forward_hooks) for m in base.modules()] == hooks_before  # the hooked references left none
     resident = sum(len(h.prefix_pages) for h in engine.adapters.resident.values())
     assert engine.pages.num_free_pages + resident == engine.pages.num_pages
 

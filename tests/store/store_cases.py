@@ -61,6 +61,14 @@ def valid_parts(kind: str, arch: LlamaArch = TINY_ARCH, seed: int = 0, dtype=tor
             for t in LORA_TARGETS if i == 0 else ("q_proj", "down_proj"):
                 tensors[f"layers.{i}.{t}.bias"] = 0.3 * rand(features[t][1])
         return {"targets": sorted(LORA_TARGETS)}, tensors
+    if kind == "adapter":  # Houlsby (after attention and the MLP) in layer 0, Pfeiffer (the MLP only) elsewhere
+        tensors, size, hidden = {}, 3, arch.hidden_size
+        for i in range(L):
+            for placement in ("attention", "mlp") if i == 0 else ("mlp",):
+                stem = f"layers.{i}.{placement}"
+                tensors |= {f"{stem}.down": 0.3 * rand(size, hidden), f"{stem}.down_bias": 0.3 * rand(size),
+                            f"{stem}.up": 0.3 * rand(hidden, size), f"{stem}.up_bias": 0.3 * rand(hidden)}
+        return {"size": size, "placements": ["attention", "mlp"], "activation": "gelu"}, tensors
     raise ValueError(kind)
 
 

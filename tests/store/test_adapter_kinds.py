@@ -12,7 +12,7 @@ from prefixserve.errors import AdapterError
 
 
 def test_every_kind_is_a_registered_class():
-    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora", "ia3", "bitfit"}
+    assert set(KINDS) == {"prefix", "prompt", "subspace", "intrinsic", "lora", "ia3", "bitfit", "adapter"}
     assert all(issubclass(k, AdapterKind) and KINDS[k.name] is k for k in KINDS.values())
 
 
@@ -176,3 +176,43 @@ def test_lora_refuses_a_layer_named_twice():
              "layers.01.q_proj.lora_b": tensors["layers.1.q_proj.lora_b"]}
     with pytest.raises(AdapterError, match=r"unexpected \['layers.01.q_proj.lora_a', 'layers.01.q_proj.lora_b'\]"):
         get_kind("lora").validate(config, twice, TINY_ARCH, None)
+
+
+def test_bottleneck_weights_are_read_per_layer_and_placement():
+    config, tensors = valid_parts("adapter")
+    weights = get_kind("adapter").weights(tensors)
+    assert set(weights) == {(0, "attention"), (0, "mlp"), (1, "mlp")}
+    down, down_bias, up, up_bias = weights[(1, "mlp")]
+    assert down is tensors["layers.1.mlp.down"] and up_bias is tensors["layers.1.mlp.up_bias"]
+    assert (down.shape, down_bias.shape, up.shape) == ((3, 64), (3,), (64, 3))
+    assert get_kind("adapter").num_virtual_tokens(config) == 0
+
+
+BOTTLENECK_REFUSALS = {
+    "size_zero": ({"size": 0}, None, r"adapter: expected size >= 1, found 0"),
+    "unknown_activation": ({"activation": "swish"}, None,
+                           r"adapter: expected activation among \['gelu', 'relu', 'silu', 'tanh'\], found 'swish'"),
+    "unknown_placement": ({"placements": ["attention", "output"]}, None,
+                          r"adapter: expected placements as a sorted list of distinct names from \['attention', "
+                          r"'mlp'\], found \['attention', 'output'\]"),
+    "placements_not_found": ({"placements": ["mlp"]}, None,
+                             r"adapter: expected config placements to list the placements \['attention', 'mlp'\], "
+                             r"found \['mlp'\]"),
+    "wrong_size": ({"size": 4}, None, r"layers.0.attention.down of shape \[4, 64\], found \[3, 64\]"),
+    "up_transposed": ({}, lambda t: {**t, "layers.1.mlp.up": t["layers.1.mlp.up"].T.contiguous()},
+                      r"layers.1.mlp.up of shape \[64, 3\], found \[3, 64\]"),
+    "missing_bias": ({}, lambda t: {k: v for k, v in t.items() if k != "layers.1.mlp.down_bias"},
+                     r"missing \['layers.1.mlp.down_bias'\]"),
+    "layer_out_of_range": ({}, lambda t: {**t, "layers.2.mlp.down": torch.ones(3, 64)}, r"layer indices 0..1"),
+    "leading_zero": ({}, lambda t: {**t, "layers.01.mlp.down": torch.ones(3, 64)},
+                     r"unexpected \['layers.01.mlp.down'\]"),
+    "size_not_int": ({"size": 3.0}, None, r"config 'size' of type int, found 3.0"),
+}
+
+
+@pytest.mark.parametrize("case", BOTTLENECK_REFUSALS.values(), ids=BOTTLENECK_REFUSALS.keys())
+def test_bottleneck_refuses_what_it_cannot_serve(case):
+    changes, edit, message = case
+    config, tensors = valid_parts("adapter")
+    with pytest.raises(AdapterError, match=message):
+        get_kind("adapter").validate({**config, **changes}, edit(tensors) if edit else tensors, TINY_ARCH, None)

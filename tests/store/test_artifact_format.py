@@ -151,7 +151,8 @@ BAD_ARTIFACTS = {
     "future_format_version": (lambda fp: _raw(fp, "prefix", meta={"format_version": "2"}), LIMITS,
                               r"format_version 1, found '2'"),
     "unknown_kind": (lambda fp: _raw(fp, "prefix", meta={"kind": "loha"}), LIMITS,
-                     r"kind among \['bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', 'prompt', 'subspace'\], found "
+                     r"kind among \['adapter', 'bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', 'prompt', "
+                     r"'subspace'\], found "
                      r"'loha'"),
     "no_config": (lambda fp: _raw(fp, "prefix", meta={"config": None}), LIMITS,
                   r"expected artifact metadata 'config', found keys \['backbone', 'format_version', 'kind'\]"),
@@ -185,6 +186,8 @@ BAD_ARTIFACTS = {
                                             tensors={"embeddings": torch.ones(0, HIDDEN)}), LIMITS,
                             r"num_virtual_tokens 1..512, found 0"),
     "rank_over_limit": (lambda fp: _valid(fp, "lora"), AdapterLimits(max_lora_rank=2), r"rank 1..2, found 4"),
+    "bottleneck_over_limit": (lambda fp: _valid(fp, "adapter"), AdapterLimits(max_bottleneck_size=2),
+                              r"adapter: expected size 1..2, found 3"),
     "intrinsic_dim_over_limit": (lambda fp: _valid(fp, "intrinsic"), AdapterLimits(max_intrinsic_dim=3),
                                  r"intrinsic dim 1..3, found 5"),
     "subspace_dim_over_limit": (lambda fp: _valid(fp, "subspace"), AdapterLimits(max_intrinsic_dim=3),
@@ -240,6 +243,7 @@ def test_decode_without_arch_still_checks_consistency(fingerprint):
     ("loha", {}, {}, r"kind among .* found 'loha'"),
     ("bitfit", {"targets": []}, {}, r"layers.<i>.<target>.bias, found \[\]"),
     ("ia3", {"targets": [], "feedforward": []}, {}, r"layers.<i>.<target>.ia3, found \[\]"),
+    ("adapter", {"size": 1, "placements": [], "activation": "relu"}, {}, r"layers.<i>.<placement>.down .*, found \[\]"),
     ("prompt", {"num_virtual_tokens": 1}, {"embeddings": torch.full((1, 64), float("nan"))}, r"NaN/Inf"),
     ("intrinsic", {"subspace_version": "ab" * 32}, {"z": torch.ones(3, dtype=torch.int32)}, r"found torch.int32"),
     ("prompt", {"num_virtual_tokens": 1, "note": object()}, {"embeddings": torch.ones(1, 64)}, r"config keys"),
@@ -257,8 +261,8 @@ def test_encode_refuses_a_fingerprint_that_is_not_json(fingerprint):
 
 def test_get_kind_lists_known_kinds():
     assert get_kind("lora") is KINDS["lora"]
-    with pytest.raises(AdapterError, match=r"among \['bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', 'prompt', "
-                                           r"'subspace'\]"):
+    with pytest.raises(AdapterError, match=r"among \['adapter', 'bitfit', 'ia3', 'intrinsic', 'lora', 'prefix', "
+                                           r"'prompt', 'subspace'\]"):
         get_kind("LoRA")
 
 

@@ -10,6 +10,7 @@ engine's `DeviceTarget`, so the engine holds no per-kind branches.
 
 from prefixserve.adapters_store.kinds.base import AdapterKind, DeviceTarget, Shape, Tensors
 from prefixserve.adapters_store.kinds.bitfit import BitFitKind
+from prefixserve.adapters_store.kinds.bottleneck import BottleneckKind
 from prefixserve.adapters_store.kinds.ia3 import IA3Kind
 from prefixserve.adapters_store.kinds.intrinsic import IntrinsicKind
 from prefixserve.adapters_store.kinds.lora import LORA_TARGETS, LoRAKind, lora_features
@@ -19,7 +20,8 @@ from prefixserve.adapters_store.kinds.subspace import SubspaceKind
 from prefixserve.errors import AdapterError
 
 KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (PrefixKind, PromptKind, SubspaceKind, IntrinsicKind,
-                                                            LoRAKind, IA3Kind, BitFitKind)}
+                                                            LoRAKind, IA3Kind, BitFitKind,
+                                                            BottleneckKind)}
 
 
 def get_kind(name: str) -> type[AdapterKind]:
@@ -29,5 +31,6 @@ def get_kind(name: str) -> type[AdapterKind]:
     return kind
 
 
-__all__ = ["KINDS", "LORA_TARGETS", "AdapterKind", "BitFitKind", "DeviceTarget", "IA3Kind", "IntrinsicKind", "LoRAKind",
-           "PrefixKind", "PromptKind", "Shape", "SubspaceKind", "Tensors", "get_kind", "lora_features"]
+__all__ = ["KINDS", "LORA_TARGETS", "AdapterKind", "BitFitKind", "BottleneckKind", "DeviceTarget", "IA3Kind",
+           "IntrinsicKind", "LoRAKind", "PrefixKind", "PromptKind", "Shape", "SubspaceKind", "Tensors", "get_kind",
+           "lora_features"]

@@ -42,6 +42,11 @@ class DeviceTarget(Protocol):
                      rank: int) -> Any:
         """(layer, target) -> (A [r, in], B [out, r]) into the LoRA pool."""
 
+    def install_bottleneck(self, weights: dict[tuple[int, str], tuple[torch.Tensor, ...]], activation: str,
+                           size: int) -> Any:
+        """(layer, placement) -> (down [size, hidden], down_bias [size], up [hidden, size], up_bias
+        [hidden]) into the bottleneck pool (engine/bottleneck_pool.py)."""
+
     def install_vectors(self, vectors: dict[tuple[int, str, str], torch.Tensor]) -> Any:
         """(layer, target, mode) -> a vector over the projection's input ("scale_in": multiplies it
         before the matmul) or output ("scale_out": multiplies it; "shift_out": adds to it), into the
@@ -155,10 +160,10 @@ def check_projection_names(kind: str, field: str, names: list, allowed: tuple[st
 
 def check_per_projection(kind: str, tensors: Tensors, pattern: re.Pattern, arch: LlamaArch | None,
                          expect: Callable[[re.Match], dict[str, Shape]], named: str, targets: list,
-                         what: str) -> None:
+                         what: str, field: str = "targets") -> None:
     """Tensors named per (layer, projection) by `pattern` (groups: layer, projection, ...): every layer
     in range, exactly the names and shapes `expect(match)` gives for each match (so a missing partner
-    shows), and config `targets` listing exactly the projections found."""
+    shows), and config `field` (`targets`) listing exactly the projections (or placements) found."""
     expected: dict[str, Shape] = {}
     for name in tensors:
         match = pattern.fullmatch(name)
@@ -172,7 +177,7 @@ def check_per_projection(kind: str, tensors: Tensors, pattern: re.Pattern, arch:
     check_tensors(kind, tensors, expected)
     found = sorted({name.split(".")[2] for name in expected})
     if found != targets:
-        raise AdapterError(f"{kind}: expected config targets to list the {what} projections {found}, found {targets}")
+        raise AdapterError(f"{kind}: expected config {field} to list the {what} {found}, found {targets}")
 
 
 def fmt(shape) -> str:

@@ -54,4 +54,4 @@ class BitFitKind(AdapterKind):
             return {match[0]: (features.get(match[2], (None, None))[1],)}  # the projection's out_features
 
         check_per_projection(cls.name, tensors, _BIAS_NAME, arch, expect, "layers.<i>.<target>.bias", targets,
-                             "shifted")
+                             "shifted projections")

@@ -60,4 +60,5 @@ class IA3Kind(AdapterKind):
             fan_in, fan_out = features.get(match[2], (None, None))
             return {match[0]: (fan_in if match[2] in feedforward else fan_out,)}
 
-        check_per_projection(cls.name, tensors, _IA3_NAME, arch, expect, "layers.<i>.<target>.ia3", targets, "scaled")
+        check_per_projection(cls.name, tensors, _IA3_NAME, arch, expect, "layers.<i>.<target>.ia3", targets,
+                             "scaled projections")

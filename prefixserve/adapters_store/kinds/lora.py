@@ -86,4 +86,4 @@ class LoRAKind(AdapterKind):
                     f"layers.{layer}.{target}.lora_b": (fan_out, rank)}  # B: [out_features, r]
 
         check_per_projection(cls.name, tensors, _LORA_NAME, arch, expect, "layers.<i>.<target>.lora_a / lora_b",
-                             targets, "adapted")
+                             targets, "adapted projections")
