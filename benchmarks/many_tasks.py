@@ -10,9 +10,11 @@ from the store. Kinds: lora8 / lora64 (rank 8 / 64, alpha 16, on q,k,v,o of ever
 prompt (16 virtual tokens), ptuning (stored as a prompt, as PEFT saves it: the prompt encoder's
 output, converted by import_peft), intrinsic (z over one shared random IPT subspace, 16 virtual
 tokens), ia3 (scales on k, v and down_proj's input, peft's default for Llama), bitfit (biases on all
-seven projections), mixed (tasks cycle through lora8, prefix, prompt, intrinsic, ia3, bitfit). Weights are random and
-small; every task is distinct. Before measuring, one task of each kind must change the greedy
-output (tokens or logprobs) against the backbone, so an ignored task cannot flatter the numbers.
+seven projections), adapter (bottleneck adapters of size 16 after attention and the MLP of every
+layer, Houlsby's placement, ReLU), mixed (tasks cycle through lora8, prefix, prompt, intrinsic, ia3,
+bitfit, adapter). Weights are random and small; every task is distinct. Before measuring, one task
+of each kind must change the greedy output (tokens or logprobs) against the backbone, so an ignored
+task cannot flatter the numbers.
 
 Workload per (kind, N): REQUESTS streaming /v1/completions of ISL random token ids and exactly OSL
 tokens (ignore_eos), CONCURRENCY in flight; request i runs task order[i % N] (a seeded random order;
@@ -55,8 +57,9 @@ from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 from prefixserve.models.loader import load_backbone
 
-KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "bitfit", "mixed")
-MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3", "bitfit")
+KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "bitfit", "adapter", "mixed")
+MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3", "bitfit", "adapter")
+BOTTLENECK_SIZE = 16
 NUM_VIRTUAL_TOKENS = 16
 INTRINSIC_DIM = 16
 LORA_TARGETS = ("k_proj", "o_proj", "q_proj", "v_proj")  # sorted, as the lora kind's config lists them
@@ -103,6 +106,8 @@ class TaskFactory:
             tensors = {f"layers.{layer}.{t}.bias": self._randn(features[t][1], scale=0.02)
                        for layer in range(a.num_layers) for t in sorted(features)}
             return "bitfit", encode_artifact("bitfit", {"targets": sorted(features)}, tensors, self.fingerprint)
+        if kind == "adapter":
+            return "adapter", self._bottleneck()
         raise ValueError(f"expected a kind among {KINDS[:-1]}, found {kind!r}")
 
     def _ia3(self) -> bytes:
@@ -111,6 +116,18 @@ class TaskFactory:
             for target, side in (("k_proj", 1), ("v_proj", 1), ("down_proj", 0)):
                 tensors[f"layers.{layer}.{target}.ia3"] = 1 + self._randn(features[target][side], scale=0.2)
         return encode_artifact("ia3", {"targets": ["down_proj", "k_proj", "v_proj"], "feedforward": ["down_proj"]},
+                               tensors, self.fingerprint)
+
+    def _bottleneck(self) -> bytes:
+        r, hidden, tensors = BOTTLENECK_SIZE, self.arch.hidden_size, {}
+        for layer in range(self.arch.num_layers):  # the parity tests' magnitude
+            for placement in ("attention", "mlp"):
+                stem = f"layers.{layer}.{placement}"
+                tensors |= {f"{stem}.down": self._randn(r, hidden, scale=0.05),
+                            f"{stem}.down_bias": self._randn(r, scale=0.05),
+                            f"{stem}.up": self._randn(hidden, r, scale=0.05),
+                            f"{stem}.up_bias": self._randn(hidden, scale=0.05)}
+        return encode_artifact("adapter", {"size": r, "placements": ["attention", "mlp"], "activation": "relu"},
                                tensors, self.fingerprint)
 
     def _lora(self, rank: int) -> bytes:

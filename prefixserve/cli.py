@@ -69,6 +69,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                              "takes r of the ranks it buys, whatever the other adapters' ranks")
     parser.add_argument("--max-lora-rank", type=int, default=AdapterLimits.max_lora_rank,
                         help="largest LoRA rank accepted at upload; the LoRA memory must hold one adapter of it")
+    parser.add_argument("--max-bottleneck-size", type=int, default=AdapterLimits.max_bottleneck_size,
+                        help="largest bottleneck size of an adapter-kind task accepted at upload")
     parser.add_argument("--adapter", action="append", default=[], metavar="TASK=PATH",
                         help="serve a task from the start: a PEFT adapter folder or .tar/.tar.gz/.zip of one, or a "
                              "prefixserve .safetensors artifact (repeatable)")
@@ -83,7 +85,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                   max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes or None,
                                   max_waiting=args.max_waiting),
         num_threads=args.threads,
-        adapters=AdapterLimits(max_lora_rank=args.max_lora_rank),
+        adapters=AdapterLimits(max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size),
         lora_memory_bytes=None if args.lora_memory_mb is None else args.lora_memory_mb << 20,
         host_cache_bytes=args.host_cache_mb << 20,
     )

@@ -233,63 +233,48 @@ def test_lora_pool_is_a_device_cache(engine):
     assert waiting.output_token_ids == alone["lora-a"].token_ids
 
 
-def test_vector_pool_is_a_device_cache(tiny_backbone):
-    """IA3 tasks take a row each of a pool sized at twice max_num_seqs (here 2): idle ones are
-    evicted, and while pinned requests hold both rows a third task's request waits, then is served
-    exactly as alone; no row leaks."""
-    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
-                                                   scheduler=SchedulerConfig(max_num_seqs=1)))
-    assert engine.runner.vector_pool.max_rows == 2
-    for i, name in enumerate(("ia3-a", "ia3-b", "ia3-c")):
-        engine.register_adapter(name, ia3_artifact(engine, seed=i))
+def check_pool_is_a_device_cache(engine, names, make_artifact) -> None:
+    """Three tasks of one kind, the pool holding two: idle ones are evicted, and while pinned requests
+    hold the pool a request for the third waits, then is served exactly as alone."""
+    for i, name in enumerate(names):
+        engine.register_adapter(name, make_artifact(engine, seed=i))
     prompt = random_prompts([5], seed=6)[0]
-    alone = {name: run(engine, prompt, name) for name in ("ia3-a", "ia3-b", "ia3-c")}
+    alone = {name: run(engine, prompt, name) for name in names}
     assert len({tuple(c.logprobs) for c in alone.values()} | {tuple(run(engine, prompt, None).logprobs)}) == 4
     assert engine.adapters.device.evictions >= 1
 
     long = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name) for name in ("ia3-b", "ia3-c")]
+    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name) for name in names[1:]]
     engine.step()
-    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="ia3-a")
+    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task=names[0])
     for _ in range(5):
         engine.step()
-        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # both rows are pinned
+        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # the pool is all pinned
     while engine.has_unfinished():
         engine.step()
     assert all(r.num_output_tokens == 12 for r in pinned)
-    assert waiting.output_token_ids == alone["ia3-a"].token_ids
+    assert waiting.output_token_ids == alone[names[0]].token_ids
+
+
+def test_vector_pool_is_a_device_cache(tiny_backbone):
+    """IA3 tasks take a row each of a pool sized at twice max_num_seqs (here 2); no row leaks."""
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
+                                                   scheduler=SchedulerConfig(max_num_seqs=1)))
+    assert engine.runner.vector_pool.max_rows == 2
+    check_pool_is_a_device_cache(engine, ("ia3-a", "ia3-b", "ia3-c"), ia3_artifact)
     resident = sum(h.vectors is not None for h in engine.adapters.device.resident.values())
     assert engine.runner.vector_pool.num_free_rows + resident == 2
 
 
 def test_bottleneck_pool_is_a_device_cache(tiny_backbone):
     """Bottleneck adapters take their size in rows of a pool bounded at max_num_seqs adapters of size
-    16 (here 16 rows: two of size 8): idle ones are evicted, and while pinned requests hold every row
-    a third adapter's request waits, then is served exactly as alone; no row leaks."""
+    16 (here 16 rows: two of size 8); no row leaks."""
     engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64),
                                                    scheduler=SchedulerConfig(max_num_seqs=1),
                                                    adapters=AdapterLimits(max_bottleneck_size=8)))
     pool = engine.runner.bottleneck_pool
     assert pool.max_rows == 16
-    for i, name in enumerate(("adapter-a", "adapter-b", "adapter-c")):
-        engine.register_adapter(name, bottleneck_artifact(engine, seed=i))
-    prompt = random_prompts([5], seed=6)[0]
-    alone = {name: run(engine, prompt, name) for name in ("adapter-a", "adapter-b", "adapter-c")}
-    assert len({tuple(c.logprobs) for c in alone.values()} | {tuple(run(engine, prompt, None).logprobs)}) == 4
-    assert engine.adapters.device.evictions >= 1
-
-    long = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-    pinned = [engine.add_request(prompt_token_ids=prompt, params=long, task=name)
-              for name in ("adapter-b", "adapter-c")]
-    engine.step()
-    waiting = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="adapter-a")
-    for _ in range(5):
-        engine.step()
-        assert waiting.adapter_pending and waiting.num_output_tokens == 0  # every row is pinned
-    while engine.has_unfinished():
-        engine.step()
-    assert all(r.num_output_tokens == 12 for r in pinned)
-    assert waiting.output_token_ids == alone["adapter-a"].token_ids
+    check_pool_is_a_device_cache(engine, ("adapter-a", "adapter-b", "adapter-c"), bottleneck_artifact)
     resident = sum(h.bottleneck.size for h in engine.adapters.device.resident.values() if h.bottleneck)
     assert pool.num_free_rows + resident == 16
 
