@@ -1,6 +1,6 @@
 """Task quality on SmolLM2: greedy exact match on each task's eval split, trained per task and kind
-(prompt, prefix, lora, ia3, bitfit through the real trainers) against what a user could do with the plain backbone
-instead (prefixserve.training.baselines, as every training job reports them): the bare prompt, the
+(prompt, prefix, lora, ia3, bitfit, adapter through the real trainers) against what a user could do with the plain
+backbone instead (prefixserve.training.baselines, as every training job reports them): the bare prompt, the
 task's instruction in the prompt, the instruction and 4 training examples in the prompt, and the
 training split's majority answer. Lift is over the best of them. Plus Intrinsic Prompt Tuning: prompt
 tuning on the seen tasks feeds MSF; IST on the HELD_OUT tasks (fixed before any run). Recovery = (IPT
@@ -9,12 +9,12 @@ IST's z; for seen tasks it is the subspace's reconstruction of the task's own pr
 MSF + IST per --intrinsic-dim over every seen task, and per --num-seen over nested subsets of them.
 
   --quick   2 near-chance tasks, prompt + lora, few steps: a few minutes on a 2-core CPU.
-  default   every near-chance task for prompt/prefix/lora/ia3/bitfit (narrow with --tasks / --peft-tasks); IPT with
-            MSF on every other suite task (prompt-tuned first) and IST on the HELD_OUT tasks.
+  default   every near-chance task for prompt/prefix/lora/ia3/bitfit/adapter (narrow with --tasks / --peft-tasks);
+            IPT with MSF on every other suite task (prompt-tuned first) and IST on the HELD_OUT tasks.
   --kinds ipt --intrinsic-dim 5,16,64,250 --num-seen 8,16,21   the IPT curves alone.
 
-Trained prompt/prefix/lora/ia3/bitfit artifacts are cached under --cache-dir (keyed by task, kind, hyperparameters,
-seed, split sizes and backbone), so IPT settings can be re-run without re-training its sources.
+Trained prompt/prefix/lora/ia3/bitfit/adapter artifacts are cached under --cache-dir (keyed by task, kind,
+hyperparameters, seed, split sizes and backbone), so IPT settings can be re-run without re-training its sources.
 
 Prints one JSON object last and appends to RESULTS.md."""
 
@@ -40,6 +40,7 @@ from prefixserve.config import ModelConfig
 from prefixserve.training.backbone import TrainingBackbone, load_training_backbone
 from prefixserve.training.baselines import BASELINES, score_baselines
 from prefixserve.training.bitfit import train_bitfit
+from prefixserve.training.bottleneck import train_bottleneck
 from prefixserve.training.data import JobData, encode_examples
 from prefixserve.training.ipt import SubspaceSource, train_intrinsic, train_subspace
 from prefixserve.training.spec import DEFAULT_LEARNING_RATES, Hyperparameters, ProgressEvent
@@ -47,7 +48,7 @@ from prefixserve.training.tasks import TASK_NAMES, build_task
 from prefixserve.training.trainers import train_peft
 
 QUICK_TASKS = ("word_size", "longer_word")
-PEFT_KINDS = ("prefix", "lora", "ia3", "bitfit")  # trained on --peft-tasks (prompt tuning also feeds IPT)
+PEFT_KINDS = ("prefix", "lora", "ia3", "bitfit", "adapter")  # trained on --peft-tasks (prompt tuning also feeds IPT)
 # Held out of MSF. As in the paper's split of tasks into seen and unseen ones, most held-out tasks share
 # their output format with a seen task (FORMAT_SIBLINGS); two map onto label words no other task outputs,
 # which a soft prompt must bring in itself (the suite's prompts carry no instruction): reported apart.
@@ -64,6 +65,7 @@ HP = {"prompt": Hyperparameters(learning_rate=_RATES["prompt"], num_virtual_toke
       "lora": Hyperparameters(learning_rate=_RATES["lora"], rank=8, targets=("q_proj", "v_proj")),
       "ia3": Hyperparameters(learning_rate=_RATES["ia3"]),  # peft's targets for Llama: k, v, down_proj's input
       "bitfit": Hyperparameters(learning_rate=_RATES["bitfit"]),  # biases on all seven projections
+      "adapter": Hyperparameters(learning_rate=_RATES["adapter"]),  # Houlsby: size 16 after attention and the MLP
       "msf": Hyperparameters(learning_rate=_RATES["subspace"], intrinsic_dim=8, decoder_hidden=256, mse_weight=200.0),
       "ist": Hyperparameters(learning_rate=_RATES["intrinsic"])}
 
@@ -71,14 +73,14 @@ HP = {"prompt": Hyperparameters(learning_rate=_RATES["prompt"], num_virtual_toke
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--tasks", help="comma-separated tasks for prompt/prefix/lora/ia3/bitfit (default: every "
+    p.add_argument("--tasks", help="comma-separated tasks for prompt/prefix/lora/ia3/bitfit/adapter (default: every "
                    "near-chance task)")
-    p.add_argument("--peft-tasks", help="prefix, lora, ia3 and bitfit only on these (default: --tasks)")
-    p.add_argument("--kinds", default="prompt,prefix,lora,ia3,bitfit,ipt")
-    p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora/ia3/bitfit steps")
+    p.add_argument("--peft-tasks", help="prefix, lora, ia3, bitfit and adapter only on these (default: --tasks)")
+    p.add_argument("--kinds", default="prompt,prefix,lora,ia3,bitfit,adapter,ipt")
+    p.add_argument("--steps", type=int, default=100, help="prompt/prefix/lora/ia3/bitfit/adapter steps")
     p.add_argument("--msf-steps", type=int, default=150)
-    p.add_argument("--task-steps", default="", help="per-task prompt/prefix/lora/ia3/bitfit steps overriding --steps, "
-                   "e.g. letter_count=300,word_position=200 (reported per task)")
+    p.add_argument("--task-steps", default="", help="per-task prompt/prefix/lora/ia3/bitfit/adapter steps overriding "
+                   "--steps, e.g. letter_count=300,word_position=200 (reported per task)")
     p.add_argument("--ist-steps", type=int, default=100)
     p.add_argument("--intrinsic-dim", default="8", help="comma-separated d: one MSF + IST per d over every seen "
                    "task (the recovery-vs-d curve); the first d is the table's")
@@ -150,6 +152,9 @@ class Bench:
                 if kind == "bitfit":  # not a peft kind: its own trainer, the same loop
                     result = train_bitfit(self.backbone, train, eval_, hp, self.args.seed, lambda e: None,
                                           Path(work_dir), labels=data.labels)
+                elif kind == "adapter":  # nor is this one
+                    result = train_bottleneck(self.backbone, train, eval_, hp, self.args.seed, lambda e: None,
+                                              Path(work_dir), labels=data.labels)
                 else:
                     result = train_peft(self.backbone, kind, train, eval_, hp, self.args.seed, lambda e: None,
                                         Path(work_dir), init_text=data.instruction, labels=data.labels)

@@ -16,6 +16,9 @@ from prefixserve.engine.task_pointers import MAX_TASK_NAME_CHARS, TASK_NAME_PATT
 from prefixserve.server.protocol import SEED, ErrorBody, accepts
 from prefixserve.training.queue import JobStatus
 from prefixserve.training.spec import (
+    BOTTLENECK_ACTIVATIONS,
+    BOTTLENECK_PLACEMENTS,
+    MAX_BOTTLENECK_SIZE,
     MAX_EXAMPLE_CHARS,
     MAX_EXAMPLES,
     MAX_INSTRUCTION_CHARS,
@@ -75,8 +78,8 @@ class TrainingHyperparameters(BaseModel):
                                   description="Steps between progress evaluations; 0: only at the end")
     warmup_steps: StrictInt | None = Field(
         None, json_schema_extra=_ints(0, MAX_STEPS),
-        description="prefix / prompt / ptuning / lora / ia3 / bitfit: steps of linear learning-rate warm-up; null: "
-                    "the kind's default (prefix: a fifth of the steps, else 0)")
+        description="prefix / prompt / ptuning / lora / ia3 / bitfit / adapter: steps of linear learning-rate "
+                    "warm-up; null: the kind's default (prefix: a fifth of the steps, else 0)")
     decay: StrictStr | None = Field(
         None, json_schema_extra=_names("constant", "cosine"),
         description="After warm-up the rate stays ('constant') or follows a cosine to a tenth of it ('cosine'); "
@@ -102,6 +105,19 @@ class TrainingHyperparameters(BaseModel):
         list(_DEFAULTS.bitfit_targets), description="bitfit: the projections whose output a learned bias shifts "
                                                     "(names as for targets; default all seven)",
         json_schema_extra=accepts(array={"minItems": 1, "maxItems": 7, "uniqueItems": True}))
+    bottleneck_size: StrictInt = Field(
+        _DEFAULTS.bottleneck_size, json_schema_extra=_ints(1, MAX_BOTTLENECK_SIZE),
+        description="adapter: units of each bottleneck (a worker started with a lower --max-bottleneck-size "
+                    "fails a larger job)")
+    bottleneck_placements: list[StrictStr] = Field(
+        list(_DEFAULTS.bottleneck_placements),
+        description="adapter: the sublayers whose output a bottleneck follows, sorted: both (Houlsby's, the default) "
+                    "or ['mlp'] (Pfeiffer's)",
+        json_schema_extra=accepts(array={"minItems": 1, "maxItems": len(BOTTLENECK_PLACEMENTS), "uniqueItems": True,
+                                         "items": {"enum": list(BOTTLENECK_PLACEMENTS)}}))
+    bottleneck_activation: StrictStr = Field(_DEFAULTS.bottleneck_activation,
+                                             description="adapter: the activation between down and up",
+                                             json_schema_extra=_names(*BOTTLENECK_ACTIVATIONS))
     intrinsic_dim: StrictInt = Field(_DEFAULTS.intrinsic_dim, json_schema_extra=_ints(1, 1024))
     decoder_hidden: StrictInt = Field(_DEFAULTS.decoder_hidden, json_schema_extra=_ints(1, 16_384))
     mse_weight: StrictFloat = Field(_DEFAULTS.mse_weight, json_schema_extra=accepts(number={"minimum": 0}))

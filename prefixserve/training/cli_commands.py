@@ -16,7 +16,12 @@ from pathlib import Path
 
 from prefixserve.errors import PrefixServeError, TrainingDataError
 from prefixserve.training.queue import DEFAULT_VISIBILITY_TIMEOUT_S, Claim, JobQueue
-from prefixserve.training.spec import DEFAULT_LEARNING_RATES, ProgressEvent
+from prefixserve.training.spec import (
+    BOTTLENECK_ACTIVATIONS,
+    BOTTLENECK_PLACEMENTS,
+    DEFAULT_LEARNING_RATES,
+    ProgressEvent,
+)
 from prefixserve.training.sqlite_queue import SqliteJobQueue
 
 DEFAULT_QUEUE_DB = "~/.local/share/prefixserve/jobs.sqlite3"
@@ -31,7 +36,8 @@ def _plain_env(name: str, default: str | None, doc: str) -> str | None:
 
 # `train` flag -> hyperparameter (flags left unset keep the spec's defaults)
 _HP_FLAGS = ("steps", "learning_rate", "batch_size", "max_length", "num_virtual_tokens", "rank", "alpha", "init",
-             "init_text", "encoder", "intrinsic_dim", "eval_every", "warmup_steps", "decay")
+             "init_text", "encoder", "intrinsic_dim", "eval_every", "warmup_steps", "decay", "bottleneck_size",
+             "bottleneck_placements", "bottleneck_activation")
 
 
 def add_queue_args(parser: argparse.ArgumentParser, env: EnvFn) -> None:
@@ -64,8 +70,8 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     train = sub.add_parser("train", help="train one task here and now, with a progress bar, and publish it")
     add_engine_args(train)
     train.add_argument("--task", required=True, help="the task name to publish to (as the default tenant)")
-    train.add_argument("--kind", required=True, help="prefix, prompt, ptuning, lora, ia3, bitfit, subspace or "
-                       "intrinsic")
+    train.add_argument("--kind", required=True, help="prefix, prompt, ptuning, lora, ia3, bitfit, adapter, "
+                       "subspace or intrinsic")
     data = train.add_mutually_exclusive_group()
     data.add_argument("--data", type=Path, help="JSONL examples: {\"input\", \"output\"} or {\"messages\"} per line")
     data.add_argument("--suite-task", help="a built-in task of prefixserve.training.tasks")
@@ -87,6 +93,12 @@ def add_training_commands(sub: argparse._SubParsersAction, *,
     train.add_argument("--init-text")
     train.add_argument("--encoder", choices=["mlp", "lstm"])
     train.add_argument("--intrinsic-dim", type=int)
+    train.add_argument("--bottleneck-size", type=int, help="adapter: units of each bottleneck (default 16)")
+    train.add_argument("--bottleneck-placements", nargs="+", choices=list(BOTTLENECK_PLACEMENTS),
+                       help="adapter: after attention, the MLP or both, in that order (default both, Houlsby's; "
+                       "mlp alone is Pfeiffer's)")
+    train.add_argument("--bottleneck-activation", choices=list(BOTTLENECK_ACTIVATIONS),
+                       help="adapter: between down and up (default relu)")
     train.add_argument("--subspace", help="intrinsic: the subspace task that decodes the intrinsic vector")
     train.add_argument("--source", action="append", default=[], metavar="TASK=SUITE_TASK|FILE.jsonl",
                        help="subspace: a published prompt task and its data (repeatable)")
@@ -122,7 +134,8 @@ def load_backbone(args: argparse.Namespace):
     from prefixserve.config import AdapterLimits, ModelConfig
     from prefixserve.training.backbone import load_training_backbone
 
-    limits = AdapterLimits(max_lora_rank=args.max_lora_rank) if hasattr(args, "max_lora_rank") else AdapterLimits()
+    limits = AdapterLimits(**{name: getattr(args, name) for name in ("max_lora_rank", "max_bottleneck_size")
+                              if hasattr(args, name)})
     model = ModelConfig(source=args.model, cache_dir=args.cache_dir, device=getattr(args, "device", "cpu"))
     return load_training_backbone(model, limits)
 

@@ -17,6 +17,7 @@ from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedEr
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.baselines import BaselineScores, score_baselines
 from prefixserve.training.bitfit import train_bitfit
+from prefixserve.training.bottleneck import train_bottleneck
 from prefixserve.training.data import EncodedExample, JobData, encode_examples, job_data
 from prefixserve.training.spec import JobSpec, ProgressFn, TrainedAdapter
 from prefixserve.training.trainers import PEFT_KINDS, PROMPT_KINDS, train_peft
@@ -29,7 +30,7 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
     data, baselines = None, None
     if spec.kind == "subspace":
         result = _run_subspace(spec, backbone, store, progress)
-    elif spec.kind in (*PEFT_KINDS, "bitfit", "intrinsic"):
+    elif spec.kind in (*PEFT_KINDS, "bitfit", "adapter", "intrinsic"):
         data = job_data(spec)
         train, eval_ = _encode(backbone, spec, data)
         if spec.kind == "intrinsic":
@@ -43,6 +44,8 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
                                          eval=eval_, hp=hp, seed=spec.seed, progress=progress)
         elif spec.kind == "bitfit":
             result = train_bitfit(backbone, train, eval_, hp, spec.seed, progress, work_dir, labels=data.labels)
+        elif spec.kind == "adapter":
+            result = train_bottleneck(backbone, train, eval_, hp, spec.seed, progress, work_dir, labels=data.labels)
         else:
             init_text = data.instruction or (" ".join(data.labels) if data.labels else None)
             result = train_peft(backbone, spec.kind, train, eval_, hp, spec.seed, progress, work_dir,
@@ -53,8 +56,8 @@ def run_job(spec: JobSpec, backbone: TrainingBackbone, store: AdapterStore, prog
                 "best_baseline_exact_match": baselines.best_exact_match,
                 "lift_over_best_baseline": result.metrics["exact_match"] - baselines.best_exact_match})
     else:
-        raise TrainingDataError(f"expected 'kind' among {[*PEFT_KINDS, 'bitfit', 'subspace', 'intrinsic']}, found "
-                                f"{spec.kind!r}")
+        raise TrainingDataError(f"expected 'kind' among {[*PEFT_KINDS, 'bitfit', 'adapter', 'subspace', 'intrinsic']}, "
+                                f"found {spec.kind!r}")
     artifact = _check_result(backbone, result)
     return replace(result, card=_card(spec, data, baselines, artifact, result.metrics))
 

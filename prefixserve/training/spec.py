@@ -14,13 +14,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from prefixserve.errors import TrainingDataError
 
-TRAINABLE_KINDS = ("prefix", "prompt", "ptuning", "lora", "ia3", "bitfit", "subspace", "intrinsic")
+TRAINABLE_KINDS = ("prefix", "prompt", "ptuning", "lora", "ia3", "bitfit", "adapter", "subspace", "intrinsic")
 # Bounds on one job: a job is a few hundred to a few thousand short examples, trained on one GPU or CPU.
 MAX_EXAMPLES = 20_000
 MAX_EXAMPLE_CHARS = 8_192
 MAX_STEPS = 100_000
 MAX_SOURCES = 256
 MAX_INSTRUCTION_CHARS = 2_048
+# BottleneckKind's PLACEMENTS and ACTIVATIONS, repeated: the kinds import torch, which this module (and the SDK's
+# training_protocol) does without. tests/training/test_job_spec.py holds them equal.
+BOTTLENECK_PLACEMENTS = ("attention", "mlp")
+BOTTLENECK_ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
+MAX_BOTTLENECK_SIZE = 64  # AdapterLimits.max_bottleneck_size's default; a server may allow less
 
 
 # The rates task_quality measured on the suite (benchmarks/RESULTS.md). They differ by orders of magnitude:
@@ -31,7 +36,7 @@ MAX_INSTRUCTION_CHARS = 2_048
 # bitfit (the same model, task, split and steps, 2026-12-04, not in RESULTS.md yet), all seven projections:
 # 0.92 exact match at 1e-3, 0.94 at 3e-3, 0.98 at 1e-2 (the largest rate tried).
 DEFAULT_LEARNING_RATES = {"prompt": 0.1, "ptuning": 3e-2, "prefix": 1e-3, "lora": 3e-3, "subspace": 1e-3,
-                          "intrinsic": 0.1, "ia3": 3e-2, "bitfit": 1e-2}
+                          "intrinsic": 0.1, "ia3": 3e-2, "bitfit": 1e-2, "adapter": 1e-3}
 # (warm-up as a fraction of the steps, decay) where it was measured to matter: a prefix's MLP at a constant
 # rate spiked and fell back to the majority answer on first_letter (0.05 exact match) and word_temperature
 # (0.50); a fifth of the steps warming up and a cosine decay gave 0.97 and 0.98 (RESULTS.md, 2026-12-03).
@@ -48,7 +53,7 @@ class Hyperparameters:
     max_length: int = 128  # prompt + output tokens of one example; longer examples fail the job
     eval_max_new_tokens: int = 16
     eval_every: int = 0  # steps between progress evals (0: only at the end)
-    # prefix / prompt / ptuning / lora / ia3 / bitfit: the rate rises linearly over `warmup_steps`, then stays
+    # prefix / prompt / ptuning / lora / ia3 / bitfit / adapter: the rate rises linearly over `warmup_steps`, then stays
     # ("constant") or follows a cosine to a tenth of it by the last step ("cosine"). None: the kind's
     # (DEFAULT_SCHEDULES).
     warmup_steps: int | None = None
@@ -73,6 +78,11 @@ class Hyperparameters:
     # bitfit: the projections whose output a learned bias shifts. BitFit trains every bias of the model, and a
     # Llama has one place for one per projection (LORA_TARGETS), so all seven.
     bitfit_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # adapter (bottleneck adapters): `bottleneck_size` units after each of `bottleneck_placements` in every layer.
+    # Both placements are Houlsby's, ("mlp",) Pfeiffer's.
+    bottleneck_size: int = 16
+    bottleneck_placements: tuple[str, ...] = BOTTLENECK_PLACEMENTS
+    bottleneck_activation: str = "relu"
     # IPT (arXiv 2110.07867): MSF trains a subspace from prompt-tuned `sources`; IST trains z in `subspace`
     intrinsic_dim: int = 5
     decoder_hidden: int = 256
@@ -173,6 +183,8 @@ def parse_job_spec(raw: object) -> JobSpec:
         check_ia3_targets(hp)
     if kind == "bitfit":
         check_bitfit_targets(hp)
+    if kind == "adapter":
+        check_bottleneck(hp)
     if kind == "intrinsic" and not hp.subspace:
         raise TrainingDataError("expected hyperparameters.subspace to name the subspace task an intrinsic task "
                                 "is decoded by, found none")
@@ -293,6 +305,13 @@ _HP_RULES: dict[str, tuple[type | tuple[type, ...], Callable[[object], bool], st
                         "a list of distinct projection names (some of ia3_targets)"),
     "bitfit_targets": ((list, tuple), lambda v: 0 < len(v) <= 7 and _distinct_names(v),
                        "a non-empty list of distinct projection names"),
+    "bottleneck_size": (int, lambda v: 1 <= v <= MAX_BOTTLENECK_SIZE, f"1..{MAX_BOTTLENECK_SIZE}"),
+    # sorted, as the artifact's config lists them, so the card's hyperparameters read as the artifact does
+    "bottleneck_placements": ((list, tuple), lambda v: _distinct_names(v) and len(v) > 0 and list(v) == sorted(v)
+                              and set(v) <= set(BOTTLENECK_PLACEMENTS),
+                              f"a non-empty sorted list of distinct placements among {list(BOTTLENECK_PLACEMENTS)}"),
+    "bottleneck_activation": (str, lambda v: v in BOTTLENECK_ACTIVATIONS,
+                              "one of " + ", ".join(repr(a) for a in BOTTLENECK_ACTIVATIONS)),
     "intrinsic_dim": (int, lambda v: 1 <= v <= 1024, "1..1024"),
     "decoder_hidden": (int, lambda v: 1 <= v <= 16_384, "1..16384"),
     "mse_weight": ((int, float), lambda v: math.isfinite(v) and v >= 0, "a non-negative number"),
@@ -308,12 +327,16 @@ def _hyperparameters(raw: object) -> Hyperparameters:
         raise TrainingDataError(f"expected hyperparameters among {sorted(_HP_RULES)}, found unknown {unknown}")
     values = {}
     for name, value in raw.items():
-        types, ok, expected = _HP_RULES[name]
-        # bool is an int in Python; `steps: true` is a client bug, not 1
-        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
-            raise TrainingDataError(f"expected hyperparameters.{name} {expected}, found {value!r:.80}")
+        _check_rule(name, value)
         values[name] = tuple(value) if isinstance(value, list) else value
     return Hyperparameters(**values)
+
+
+def _check_rule(name: str, value: object) -> None:
+    types, ok, expected = _HP_RULES[name]
+    # bool is an int in Python; `steps: true` is a client bug, not 1
+    if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+        raise TrainingDataError(f"expected hyperparameters.{name} {expected}, found {value!r:.80}")
 
 
 def _distinct_names(value: list | tuple) -> bool:
@@ -336,6 +359,16 @@ def check_ia3_targets(hp: Hyperparameters) -> None:
 def check_bitfit_targets(hp: Hyperparameters) -> None:
     """A bitfit job's projections are ones the server shifts (the trainer hooks exactly these)."""
     _check_projections(hp, "bitfit_targets")
+
+
+def check_bottleneck(hp: Hyperparameters, max_size: int | None = None) -> None:
+    """An adapter job's bottlenecks are ones the server applies: _HP_RULES' checks again (a Hyperparameters
+    built in code has not been through them), and a size within the server's `max_size` where it is known."""
+    for name in ("bottleneck_size", "bottleneck_placements", "bottleneck_activation"):
+        _check_rule(name, getattr(hp, name))
+    if max_size is not None and hp.bottleneck_size > max_size:
+        raise TrainingDataError(f"expected hyperparameters.bottleneck_size of at most {max_size} (the server's "
+                                f"limit), found {hp.bottleneck_size}")
 
 
 def _check_projections(hp: Hyperparameters, name: str, may_be_empty: bool = False) -> None:

@@ -275,6 +275,46 @@ def test_a_bitfit_job_reaches_the_worker_with_its_projections_and_bad_names_are_
         assert len(queue.list_jobs("fay")) == before
 
 
+def test_an_adapter_job_reaches_the_worker_with_its_bottlenecks_and_bad_ones_are_400s(limited):
+    server, keys, queue = limited
+    with client(server, keys, "fay") as fay:
+        hyperparameters = {"steps": 5, "bottleneck_size": 8, "bottleneck_placements": ["mlp"],
+                           "bottleneck_activation": "gelu"}
+        resp = fay.post("/v1/training/jobs", json={**JOB, "task": "bottlenecked", "kind": "adapter",
+                                                   "hyperparameters": hyperparameters})
+        assert resp.status_code == 201 and resp.json()["kind"] == "adapter", resp.text
+        default = fay.post("/v1/training/jobs", json={**JOB, "task": "bottlenecked-houlsby", "kind": "adapter"})
+        assert default.status_code == 201, default.text
+        claimed = {}
+        while len(claimed) < 2:  # older jobs of other tests come first
+            claim = queue.claim("test-worker")
+            if claim.record.id in (resp.json()["id"], default.json()["id"]):
+                hp = claim.spec.hyperparameters
+                claimed[claim.record.id] = (hp.bottleneck_size, hp.bottleneck_placements, hp.bottleneck_activation,
+                                            hp.learning_rate)
+                queue.fail(claim, TrainingDataError("stopped by the test"))
+        assert claimed == {resp.json()["id"]: (8, ("mlp",), "gelu", 1e-3),
+                           default.json()["id"]: (16, ("attention", "mlp"), "relu", 1e-3)}
+        cases = [
+            ({"bottleneck_sizes": 8}, "hyperparameters.bottleneck_sizes: Extra inputs are not permitted"),
+            ({"bottleneck_size": "8"}, "hyperparameters.bottleneck_size: Input should be a valid integer"),
+            ({"bottleneck_placements": "mlp"}, "hyperparameters.bottleneck_placements: Input should be a valid list"),
+            ({"bottleneck_activation": 1}, "hyperparameters.bottleneck_activation: Input should be a valid string"),
+            # Well-typed but not servable: parse_job_spec's messages, naming the field.
+            ({"bottleneck_size": 65}, "expected hyperparameters.bottleneck_size 1..64, found 65"),
+            ({"bottleneck_placements": ["mlp", "attention"]}, "expected hyperparameters.bottleneck_placements a "
+                                                              "non-empty sorted list of distinct placements among "
+                                                              "['attention', 'mlp'], found ['mlp', 'attention']"),
+            ({"bottleneck_activation": "swish"}, "expected hyperparameters.bottleneck_activation one of 'gelu', "
+                                                 "'relu', 'silu', 'tanh', found 'swish'"),
+        ]
+        before = len(queue.list_jobs("fay"))
+        for bad, message in cases:
+            resp = fay.post("/v1/training/jobs", json={**JOB, "kind": "adapter", "hyperparameters": bad})
+            assert resp.status_code == 400 and resp.json()["error"]["message"] == message, (bad, resp.text)
+        assert len(queue.list_jobs("fay")) == before
+
+
 def _documented(model, name: str) -> dict:
     schema = model.model_json_schema()["properties"][name]
     return next((branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"), schema)
@@ -295,7 +335,8 @@ def test_the_documented_range_of_a_hyperparameter_is_the_one_parse_job_spec_enfo
 
 
 @pytest.mark.parametrize("model, name", [(TrainingJobRequest, "kind"), (TrainingHyperparameters, "init"),
-                                         (TrainingHyperparameters, "encoder")])
+                                         (TrainingHyperparameters, "encoder"),
+                                         (TrainingHyperparameters, "bottleneck_activation")])
 def test_the_documented_names_of_a_field_are_the_ones_parse_job_spec_accepts(model, name):
     spec = {**JOB, "task": "t/colors", "hyperparameters": {"subspace": "t/sub"}}
 
@@ -311,6 +352,16 @@ def test_the_documented_names_of_a_field_are_the_ones_parse_job_spec_accepts(mod
         parse_job_spec(with_value(value))
     with pytest.raises(TrainingDataError, match=name):
         parse_job_spec(with_value("undocumented"))
+
+
+def test_the_documented_placements_are_the_ones_parse_job_spec_accepts():
+    documented = _documented(TrainingHyperparameters, "bottleneck_placements")["items"]["enum"]
+    spec = {**JOB, "task": "t/colors", "kind": "adapter"}
+    for placements in ([documented[0]], [documented[1]], documented):
+        hp = parse_job_spec({**spec, "hyperparameters": {"bottleneck_placements": placements}}).hyperparameters
+        assert hp.bottleneck_placements == tuple(placements)
+    with pytest.raises(TrainingDataError, match="bottleneck_placements"):
+        parse_job_spec({**spec, "hyperparameters": {"bottleneck_placements": ["undocumented"]}})
 
 
 def test_the_sdk_submits_and_reads_jobs(server, keys):

@@ -7,7 +7,10 @@ import pytest
 
 from prefixserve.errors import TrainingDataError
 from prefixserve.training.spec import (
+    BOTTLENECK_ACTIVATIONS,
+    BOTTLENECK_PLACEMENTS,
     DEFAULT_LEARNING_RATES,
+    MAX_BOTTLENECK_SIZE,
     MAX_EXAMPLE_CHARS,
     Hyperparameters,
     JobSpec,
@@ -26,7 +29,7 @@ def valid(**changes) -> dict:
     (valid(colour="red"), "found unknown ['colour']"),
     (valid(task=""), "'task'"),
     (valid(task=7), "'task'"),
-    (valid(kind="adapter"), "'kind'"),
+    (valid(kind="dora"), "'kind'"),
     (valid(examples="not a list"), "'examples'"),
     (valid(examples=[{"input": "x"}]), "examples[0]"),
     (valid(examples=[EXAMPLES[0], {"input": "x", "output": ""}]), "examples[1]: expected a non-empty 'output'"),
@@ -85,6 +88,8 @@ def test_bad_field_is_named(raw, names):
     {"task": "acme/s", "kind": "ia3", "suite_task": "word_size",
      "hyperparameters": {"ia3_targets": ["up_proj", "q_proj"], "ia3_feedforward": ["up_proj"]}},
     {"task": "acme/b", "kind": "bitfit", "suite_task": "word_size", "hyperparameters": {"bitfit_targets": ["o_proj"]}},
+    {"task": "acme/a", "kind": "adapter", "suite_task": "word_size",
+     "hyperparameters": {"bottleneck_size": 64, "bottleneck_placements": ["mlp"], "bottleneck_activation": "silu"}},
 ])
 def test_valid_spec_round_trips_through_json(raw):
     spec = parse_job_spec(raw)
@@ -100,7 +105,7 @@ def test_defaults():
                                                            warmup_steps=0, decay="constant"))
 
 
-@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "ia3", "bitfit", "intrinsic"])
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix", "lora", "ia3", "bitfit", "adapter", "intrinsic"])
 def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
     extra = {"subspace": "acme/sub"} if kind == "intrinsic" else {}
     assert parse_job_spec(valid(kind=kind, hyperparameters=extra)).hyperparameters.learning_rate == \
@@ -112,7 +117,7 @@ def test_a_spec_without_a_rate_gets_its_kinds_and_keeps_a_given_one(kind):
 
 @pytest.mark.parametrize("kind, warmup_steps, decay", [("prefix", 20, "cosine"), ("prompt", 0, "constant"),
                                                        ("lora", 0, "constant"), ("ia3", 0, "constant"),
-                                                       ("bitfit", 0, "constant")])
+                                                       ("bitfit", 0, "constant"), ("adapter", 0, "constant")])
 def test_a_spec_without_a_schedule_gets_its_kinds_and_keeps_a_given_one(kind, warmup_steps, decay):
     hp = parse_job_spec(valid(kind=kind, hyperparameters={"steps": 100})).hyperparameters
     assert (hp.warmup_steps, hp.decay) == (warmup_steps, decay)
@@ -197,3 +202,52 @@ def test_bitfit_defaults_to_every_projection_and_other_kinds_ignore_it():
     # What only a bitfit job reads is not an error in another kind's spec (as ia3_targets is not in a prompt's).
     assert parse_job_spec(valid(hyperparameters={"bitfit_targets": ["o_proj"]})).hyperparameters.bitfit_targets == \
         ("o_proj",)
+
+
+def adapter(**hyperparameters) -> dict:
+    return valid(kind="adapter", hyperparameters=hyperparameters)
+
+
+@pytest.mark.parametrize("raw, message", [
+    (adapter(bottleneck_size=0), "expected hyperparameters.bottleneck_size 1..64, found 0"),
+    (adapter(bottleneck_size=65), "expected hyperparameters.bottleneck_size 1..64, found 65"),
+    (adapter(bottleneck_size=16.0), "expected hyperparameters.bottleneck_size 1..64, found 16.0"),
+    (adapter(bottleneck_size=True), "expected hyperparameters.bottleneck_size 1..64, found True"),
+    (adapter(bottleneck_placements=[]), "expected hyperparameters.bottleneck_placements a non-empty sorted list of "
+                                        "distinct placements among ['attention', 'mlp'], found []"),
+    (adapter(bottleneck_placements="mlp"), "expected hyperparameters.bottleneck_placements a non-empty sorted list "
+                                           "of distinct placements among ['attention', 'mlp'], found 'mlp'"),
+    (adapter(bottleneck_placements=["mlp", "attention"]), "expected hyperparameters.bottleneck_placements a "
+                                                          "non-empty sorted list of distinct placements among "
+                                                          "['attention', 'mlp'], found ['mlp', 'attention']"),
+    (adapter(bottleneck_placements=["mlp", "mlp"]), "expected hyperparameters.bottleneck_placements a non-empty "
+                                                    "sorted list of distinct placements"),
+    (adapter(bottleneck_placements=["attention", "ffn"]), "expected hyperparameters.bottleneck_placements a "
+                                                          "non-empty sorted list"),
+    (adapter(bottleneck_placements=["mlp", None]), "expected hyperparameters.bottleneck_placements a non-empty"),
+    (adapter(bottleneck_activation="swish"), "expected hyperparameters.bottleneck_activation one of 'gelu', 'relu', "
+                                             "'silu', 'tanh', found 'swish'"),
+    (adapter(bottleneck_activation="GELU"), "expected hyperparameters.bottleneck_activation one of"),
+    (adapter(bottleneck_activation=None), "expected hyperparameters.bottleneck_activation one of"),
+])
+def test_adapter_bottlenecks_are_ones_the_server_applies(raw, message):
+    with pytest.raises(TrainingDataError) as e:
+        parse_job_spec(raw)
+    assert message in e.value.message and e.value.status_code == 400
+
+
+def test_adapter_defaults_to_houlsby_and_its_names_are_the_kinds():
+    from prefixserve.adapters_store.kinds.bottleneck import ACTIVATIONS, PLACEMENTS
+    from prefixserve.config import AdapterLimits
+
+    # spec.py repeats them (it does without torch): they must stay the kind's own
+    assert (BOTTLENECK_PLACEMENTS, BOTTLENECK_ACTIVATIONS) == (PLACEMENTS, ACTIVATIONS)
+    assert AdapterLimits().max_bottleneck_size == MAX_BOTTLENECK_SIZE
+    hp = parse_job_spec(adapter()).hyperparameters
+    assert (hp.bottleneck_size, hp.bottleneck_placements, hp.bottleneck_activation) == (16, ("attention", "mlp"),
+                                                                                        "relu")
+    assert hp.learning_rate == DEFAULT_LEARNING_RATES["adapter"]
+    pfeiffer = parse_job_spec(adapter(bottleneck_placements=["mlp"], bottleneck_size=1)).hyperparameters
+    assert (pfeiffer.bottleneck_placements, pfeiffer.bottleneck_size) == (("mlp",), 1)
+    # What only an adapter job reads is not an error in another kind's spec (its values are checked all the same).
+    assert parse_job_spec(valid(hyperparameters={"bottleneck_size": 4})).hyperparameters.bottleneck_size == 4

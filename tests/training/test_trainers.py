@@ -1,5 +1,5 @@
-"""PEFT trainers and the BitFit one on a tiny Llama with SmolLM2's real tokenizer: every kind learns a
-toy task, exports an artifact the server accepts, predicts what the engine serves, leaves the shared
+"""PEFT trainers and the BitFit and bottleneck adapter ones on a tiny Llama with SmolLM2's real tokenizer: every
+kind learns a toy task, exports an artifact the server accepts, predicts what the engine serves, leaves the shared
 model untouched, resumes bit-exactly from its checkpoint and fails loudly on divergence or bad data."""
 
 import copy
@@ -14,19 +14,26 @@ from prefixserve.adapters_store.fingerprint import backbone_fingerprint
 from prefixserve.adapters_store.format import decode_artifact
 from prefixserve.adapters_store.local_store import LocalStore
 from prefixserve.adapters_store.store import check_card
-from prefixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from prefixserve.config import AdapterLimits, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from prefixserve.engine.llm_engine import LLMEngine
 from prefixserve.engine.request import SamplingParams
 from prefixserve.errors import TrainingDataError, TrainingFailedError
 from prefixserve.models.loader import load_backbone
 from prefixserve.training.bitfit import added_biases, artifact_biases, train_bitfit, zero_biases
+from prefixserve.training.bottleneck import (
+    added_bottlenecks,
+    artifact_bottlenecks,
+    initial_bottlenecks,
+    train_bottleneck,
+)
 from prefixserve.training.data import encode_examples, format_prompt
 from prefixserve.training.evaluate import predict, predict_ids
 from prefixserve.training.runner import run_job
 from prefixserve.training.spec import Hyperparameters, JobSpec, parse_job_spec
 from prefixserve.training.trainers import CHECKPOINT_NAME, learning_rate_at, train_peft
 
-KINDS = ("prompt", "prefix", "ptuning", "lora", "ia3", "bitfit")
+KINDS = ("prompt", "prefix", "ptuning", "lora", "ia3", "bitfit", "adapter")
+OWN_TRAINERS = {"bitfit": train_bitfit, "adapter": train_bottleneck}  # kinds peft has no type for
 TOY = [{"input": f"word {w}", "output": o} for w, o in [("apple", "yes"), ("sky", "no"), ("grass", "yes"),
                                                          ("snow", "no")]]
 UNSEEN = [{"input": w, "output": "?"} for w in ("word moon", "hello there", "1 2 3", "a longer sentence here")]
@@ -42,14 +49,17 @@ HP = {"prompt": Hyperparameters(steps=30, batch_size=4, learning_rate=0.1, num_v
                              "down_proj"), ia3_feedforward=("up_proj", "q_proj"), eval_max_new_tokens=6),
       # unsorted; parts of both fused projections (v of q/k/v, gate of gate/up) and an unfused one
       "bitfit": Hyperparameters(steps=30, batch_size=4, learning_rate=0.05, bitfit_targets=("v_proj", "gate_proj",
-                                "o_proj"), eval_max_new_tokens=6)}
+                                "o_proj"), eval_max_new_tokens=6),
+      # Houlsby's placements, a size and activation not the defaults
+      "adapter": Hyperparameters(steps=30, batch_size=4, learning_rate=0.01, bottleneck_size=4,
+                                 bottleneck_activation="gelu", eval_max_new_tokens=6)}
 
 
 def train(backbone, kind, *args, **kwargs):
-    """train_peft's signature for every kind of this file: bitfit has its own trainer (no peft type)."""
-    if kind == "bitfit":
-        kwargs.pop("init_text", None)  # biases start at zero, not from text
-        return train_bitfit(backbone, *args, **kwargs)
+    """train_peft's signature for every kind of this file: bitfit and adapter have their own trainers."""
+    if kind in OWN_TRAINERS:
+        kwargs.pop("init_text", None)  # they start at (or, adapter's down, near) zero, not from text
+        return OWN_TRAINERS[kind](backbone, *args, **kwargs)
     return train_peft(backbone, kind, *args, **kwargs)
 
 
@@ -128,7 +138,7 @@ def test_kind_learns_the_toy_task_and_exports_a_servable_artifact(kind, trained,
     assert result.metrics["eval_loss"] < first / 2 and 0 <= result.metrics["exact_match"] <= 1
     assert all(math.isfinite(v) for v in result.metrics.values())
     assert (work_dir / CHECKPOINT_NAME).is_file()
-    assert (work_dir / "peft" / "adapter_model.safetensors").is_file() == (kind != "bitfit")  # bitfit: no peft type
+    assert (work_dir / "peft" / "adapter_model.safetensors").is_file() == (kind not in OWN_TRAINERS)
     # The shared model is exactly as before: same modules, hooks and weights, frozen, bitwise the same logits.
     ids, logits, layout, weights = probe
     assert [(name, type(m).__name__) for name, m in backbone.model.named_modules()] == layout
@@ -162,6 +172,10 @@ def test_engine_serves_what_evaluation_predicted(kind, trained, backbone, engine
         decoded = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
                                   arch=backbone.arch)
         exported_model = added_biases(backbone.model, artifact_biases(decoded))
+    elif kind == "adapter":  # likewise the decoded bottlenecks
+        decoded = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
+                                  arch=backbone.arch)
+        exported_model = added_bottlenecks(backbone.model, artifact_bottlenecks(decoded), decoded.config["activation"])
     else:
         exported_model = wrapped(backbone.model, lambda m: PeftModel.from_pretrained(m, work_dir / "peft"))
     with exported_model as exported:
@@ -171,6 +185,31 @@ def test_engine_serves_what_evaluation_predicted(kind, trained, backbone, engine
     assert [c.text for c in completions] == texts
     served_em = sum(c.text.strip() == e.output_text.strip() for c, e in zip(completions, encoded[:4])) / 4
     assert served_em == result.metrics["exact_match"]
+
+
+def test_engine_serves_the_adapters_log_probabilities(trained, backbone, engine):
+    """Closer than greedy tokens (which a small difference in the math leaves alone on this model): every prompt
+    token's log-probability as the engine serves the trained adapter is the decoded artifact's under the hooks."""
+    result = trained("adapter")[0]
+    engine.register_adapter("acme/adapter-logprobs", result.artifact)
+    encoded = encode_examples(backbone.tokenizer, TOY + UNSEEN, 64)
+    prompts = [e.prompt_ids + e.output_ids for e in encoded]
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=0),
+                                  tasks=["acme/adapter-logprobs"] * len(prompts))
+    decoded = decode_artifact(result.artifact, expected_fingerprint=backbone.fingerprint, limits=backbone.limits,
+                              arch=backbone.arch)
+
+    def prompt_logprobs(ids: list[int]) -> torch.Tensor:
+        log_probs = torch.log_softmax(backbone.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return log_probs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]  # [len(ids) - 1]
+    with torch.no_grad():
+        plain = [prompt_logprobs(ids) for ids in prompts]
+        with added_bottlenecks(backbone.model, artifact_bottlenecks(decoded), decoded.config["activation"]):
+            hooked = [prompt_logprobs(ids) for ids in prompts]
+    for completion, expected, backbone_only in zip(completions, hooked, plain):
+        served = torch.tensor(completion.prompt_logprobs[1:])
+        assert torch.allclose(served, expected, atol=1e-4), (served - expected).abs().max()
+        assert (served - backbone_only).abs().max() > 1e-2  # the adapter moved them: the check can tell
 
 
 def test_ia3_artifact_scales_the_requested_projections(trained, backbone):
@@ -215,6 +254,45 @@ def test_bitfit_starts_as_the_backbone_on_every_projection(backbone, probe):
     with torch.no_grad(), added_biases(backbone.model, biases):
         assert not no_hooks(backbone.model)
         assert torch.equal(backbone.model(input_ids=ids).logits, logits)
+    assert no_hooks(backbone.model)
+
+
+def test_adapter_artifact_holds_a_trained_bottleneck_per_layer_and_placement(trained, backbone):
+    """down [size, hidden], up [hidden, size] and their biases after attention and the MLP of every layer,
+    all trained away from their start (up from zero, down from its seeded random draw)."""
+    artifact = decode_artifact(trained("adapter")[0].artifact, expected_fingerprint=backbone.fingerprint,
+                               limits=backbone.limits, arch=backbone.arch)
+    assert artifact.kind == "adapter"
+    assert artifact.config == {"size": 4, "placements": ["attention", "mlp"], "activation": "gelu"}
+    hidden, layers = backbone.arch.hidden_size, backbone.arch.num_layers
+    shapes = {"down": (4, hidden), "down_bias": (4,), "up": (hidden, 4), "up_bias": (hidden,)}
+    assert {name: tuple(t.shape) for name, t in artifact.tensors.items()} == {
+        f"layers.{i}.{p}.{part}": shape for i in range(layers) for p in ("attention", "mlp")
+        for part, shape in shapes.items()}
+    start = initial_bottlenecks(backbone, 4, ("attention", "mlp"), seed=0)
+    weights = artifact_bottlenecks(artifact)
+    assert sorted(weights) == sorted(start)
+    for key, parts in weights.items():
+        for trained_part, start_part in zip(parts, start[key]):
+            assert trained_part.dtype == torch.float32 and not torch.equal(trained_part, start_part.detach())
+
+
+def test_adapter_starts_as_the_backbone_and_its_hooks_change_the_output(backbone, probe):
+    """By default a bottleneck follows attention and the MLP of every layer; at its start (up and its bias
+    zero) the task is the backbone bitwise, and the hooks do reach the output once up is not zero."""
+    hp = Hyperparameters()
+    weights = initial_bottlenecks(backbone, hp.bottleneck_size, hp.bottleneck_placements, seed=3)
+    layers = backbone.arch.num_layers
+    assert sorted(weights) == sorted((i, p) for i in range(layers) for p in ("attention", "mlp"))
+    assert all(parts[0].abs().max() > 0 for parts in weights.values())  # down drawn, not zero
+    again = initial_bottlenecks(backbone, hp.bottleneck_size, hp.bottleneck_placements, seed=3)
+    assert all(torch.equal(weights[key][0], again[key][0]) for key in weights)  # the seed alone decides it
+    ids, logits = probe[0], probe[1]
+    with torch.no_grad(), added_bottlenecks(backbone.model, weights, hp.bottleneck_activation):
+        assert not no_hooks(backbone.model)
+        assert torch.equal(backbone.model(input_ids=ids).logits, logits)
+        weights[(layers - 1, "mlp")][2].fill_(0.1)  # up of the last MLP's bottleneck
+        assert not torch.allclose(backbone.model(input_ids=ids).logits, logits)
     assert no_hooks(backbone.model)
 
 
@@ -296,6 +374,35 @@ def test_bitfit_resumes_from_checkpoint_to_the_same_artifact(backbone, toy, prob
     assert all(torch.equal(state[name], w) for name, w in weights.items()) and no_hooks(backbone.model)
 
 
+def test_adapter_resumes_from_checkpoint_to_the_same_artifact(backbone, toy, probe, tmp_path):
+    hp = Hyperparameters(steps=12, batch_size=2, learning_rate=0.05, warmup_steps=3, decay="cosine",
+                         bottleneck_size=3, bottleneck_placements=("mlp",), bottleneck_activation="tanh")  # Pfeiffer
+    whole = train_bottleneck(backbone, toy, [], hp, 5, lambda e: None, tmp_path / "whole")
+
+    def stop_at_7(event):
+        if event.step == 7:
+            raise KeyboardInterrupt("worker killed")
+    with pytest.raises(KeyboardInterrupt):
+        train_bottleneck(backbone, toy, [], hp, 5, stop_at_7, tmp_path / "resumed")
+    # The killed job's hooks are gone: the shared model answers bitwise as before any job.
+    assert no_hooks(backbone.model)
+    ids, logits, _, weights = probe
+    with torch.no_grad():
+        assert torch.equal(backbone.model(input_ids=ids).logits, logits)
+    checkpoint = load_file(tmp_path / "resumed" / CHECKPOINT_NAME)
+    assert sorted(name for name in checkpoint if name.startswith("param.")) == sorted(
+        f"param.layers.{i}.mlp.{part}" for i in range(backbone.arch.num_layers)
+        for part in ("down", "down_bias", "up", "up_bias"))
+    assert any(name.startswith("adam.exp_avg_sq.") for name in checkpoint)
+    events = []
+    resumed = train_bottleneck(backbone, toy, [], hp, 5, record(events), tmp_path / "resumed")
+    assert events[0].step == 7  # continued after the step-6 checkpoint, not from scratch
+    assert resumed.artifact == whole.artifact
+    assert train_bottleneck(backbone, toy, [], hp, 6, lambda e: None, tmp_path / "seed6").artifact != whole.artifact
+    state = backbone.model.state_dict()
+    assert all(torch.equal(state[name], w) for name, w in weights.items()) and no_hooks(backbone.model)
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     hp = Hyperparameters(steps=10, learning_rate=1.0, warmup_steps=4, decay="cosine")
     rates = [learning_rate_at(hp, step) for step in range(1, 11)]
@@ -320,11 +427,11 @@ def test_divergence_fails_without_an_artifact(backbone, toy, tmp_path):
     with torch.no_grad():  # a token every prompt ends with ("Answer") now embeds to inf: the loss is NaN
         poisoned.get_input_embeddings().weight[toy[0].prompt_ids[-2]] = float("inf")
     broken = dataclasses.replace(backbone, model=poisoned)
-    for kind in ("lora", "ia3", "bitfit", "prompt"):
+    for kind in ("lora", "ia3", "bitfit", "adapter", "prompt"):
         with pytest.raises(TrainingFailedError, match="diverged at step 1: the loss is nan"):
             train(broken, kind, toy, toy, HP[kind], 0, lambda e: None, tmp_path / kind)
         assert not (tmp_path / kind / "peft").exists()
-    # LoRA and IA3 were unloaded and BitFit's hooks removed even though the jobs failed
+    # LoRA and IA3 were unloaded and BitFit's and the adapter's hooks removed even though the jobs failed
     assert not hasattr(poisoned, "peft_config") and no_hooks(poisoned)
 
 
@@ -383,6 +490,22 @@ def test_run_job_trains_bitfit_with_progress_evals_and_cards_it(backbone, tmp_pa
     assert no_hooks(backbone.model)
 
 
+def test_run_job_trains_an_adapter_and_cards_it(backbone, tmp_path):
+    job = spec("adapter", hyperparameters={"steps": 2, "batch_size": 2, "max_length": 32, "bottleneck_size": 3,
+                                           "bottleneck_placements": ["mlp"]})
+    result = run_job(job, backbone, LocalStore(tmp_path / "store"), lambda e: None, tmp_path / "job")
+    assert result.kind == "adapter" and result.card["kind"] == "adapter"
+    hp = result.card["hyperparameters"]
+    assert (hp["bottleneck_size"], list(hp["bottleneck_placements"]), hp["bottleneck_activation"]) == (3, ["mlp"],
+                                                                                                         "relu")
+    assert hp["learning_rate"] == 1e-3  # the kind's default
+    hidden = backbone.arch.hidden_size  # down, its bias, up, its bias per layer
+    assert result.card["num_parameters"] == backbone.arch.num_layers * (3 * hidden + 3 + hidden * 3 + hidden)
+    assert result.metrics["lift_over_best_baseline"] == result.metrics["exact_match"] - result.metrics[
+        "best_baseline_exact_match"]
+    assert no_hooks(backbone.model)
+
+
 def test_the_instruction_is_validated(tmp_path):
     with pytest.raises(TrainingDataError, match="expected 'instruction' to be non-empty text of at most 2048"):
         spec(instruction="   ")
@@ -402,7 +525,7 @@ def test_run_job_bad_data_names_the_example(backbone, tmp_path):
     with pytest.raises(TrainingDataError, match=r"examples\[4\]: expected prompt \+ output of at most max_length=32"):
         run_job(spec(examples=long), backbone, store, lambda e: None, tmp_path / "job")
     with pytest.raises(TrainingDataError, match="expected 'kind' among"):
-        run_job(dataclasses.replace(spec(), kind="adapter"), backbone, store, lambda e: None, tmp_path / "job")
+        run_job(dataclasses.replace(spec(), kind="dora"), backbone, store, lambda e: None, tmp_path / "job")
     too_many_tokens = spec(hyperparameters={"num_virtual_tokens": 300})
     with pytest.raises(TrainingDataError, match="num_virtual_tokens below the backbone's context of 256"):
         run_job(too_many_tokens, backbone, store, lambda e: None, tmp_path / "job")
@@ -421,6 +544,19 @@ def test_run_job_bad_data_names_the_example(backbone, tmp_path):
     unparsed = dataclasses.replace(spec("bitfit"), hyperparameters=Hyperparameters(bitfit_targets=()))
     with pytest.raises(TrainingDataError, match=r"hyperparameters.bitfit_targets to name at least one projection"):
         run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
+    unparsed = dataclasses.replace(spec("adapter"), hyperparameters=Hyperparameters(
+        bottleneck_placements=("mlp", "attention")))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.bottleneck_placements a non-empty sorted list"):
+        run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
+    unparsed = dataclasses.replace(spec("adapter"), hyperparameters=Hyperparameters(bottleneck_activation="swish"))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.bottleneck_activation one of 'gelu'"):
+        run_job(unparsed, backbone, store, lambda e: None, tmp_path / "job")
+    # What this server would refuse to load is refused before training, not after.
+    narrow = dataclasses.replace(backbone, limits=AdapterLimits(max_bottleneck_size=8))
+    with pytest.raises(TrainingDataError, match=r"hyperparameters.bottleneck_size of at most 8 \(the server's limit\), "
+                                                r"found 16"):
+        run_job(spec("adapter"), narrow, store, lambda e: None, tmp_path / "job")
+    assert no_hooks(backbone.model)
     assert store.list_tasks() == {}
 
 

@@ -399,6 +399,22 @@ def test_train_flags_name_tasks_in_the_default_tenant(tmp_path):
         train_spec_dict(train_args("--task", "other/t", "--kind", "prompt", "--suite-task", "s"))
 
 
+def test_train_flags_shape_an_adapter_job(tmp_path):
+    raw = train_spec_dict(train_args("--task", "t", "--kind", "adapter", "--suite-task", "word_size",
+                                     "--bottleneck-size", "8", "--bottleneck-placements", "mlp",
+                                     "--bottleneck-activation", "gelu"))
+    hp = parse_job_spec(raw).hyperparameters
+    assert (hp.bottleneck_size, hp.bottleneck_placements, hp.bottleneck_activation) == (8, ("mlp",), "gelu")
+    houlsby = parse_job_spec(train_spec_dict(train_args("--task", "t", "--kind", "adapter", "--suite-task", "s",
+                                                        "--bottleneck-placements", "attention", "mlp")))
+    assert houlsby.hyperparameters.bottleneck_placements == ("attention", "mlp")
+    with pytest.raises(TrainingDataError, match=re.escape("hyperparameters.bottleneck_size 1..64, found 65")):
+        parse_job_spec(train_spec_dict(train_args("--task", "t", "--kind", "adapter", "--suite-task", "s",
+                                                  "--bottleneck-size", "65")))
+    with pytest.raises(SystemExit):  # argparse refuses a placement or activation the kind does not have
+        train_args("--task", "t", "--kind", "adapter", "--bottleneck-activation", "swish")
+
+
 def train_args(*argv: str):
     parser = argparse.ArgumentParser(prog="prefixserve")
     add_training_commands(parser.add_subparsers(dest="command"), add_engine_args=_engine_args,

@@ -22,12 +22,13 @@ from prefixserve.adapters_store.kinds.base import (
     check_projection_names,
 )
 from prefixserve.errors import AdapterError
+from prefixserve.kernels.bottleneck import ACTIVATION_FNS
 
 if TYPE_CHECKING:
     from prefixserve.adapters_store.artifact import Artifact
 
 PLACEMENTS = ("attention", "mlp")  # after the attention block's o_proj, after the MLP's down_proj
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh")  # torch's (gelu: the exact erf form)
+ACTIVATIONS = tuple(sorted(ACTIVATION_FNS))  # torch's (gelu: the exact erf form)
 _PARTS = ("down", "down_bias", "up", "up_bias")
 # Layer numbers without leading zeros: "layers.01" and "layers.1" would name one adapter twice.
 _ADAPTER_NAME = re.compile(r"layers\.(0|[1-9]\d*)\.(" + "|".join(PLACEMENTS) + r")\.(" + "|".join(_PARTS) + ")")
