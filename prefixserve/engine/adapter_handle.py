@@ -22,3 +22,8 @@ class AdapterHandle:
     vectors: VectorAllocation | None = None
     bottleneck: BottleneckAllocation | None = None
     num_users: int = 0  # requests holding it
+
+    def pool_rows(self, pool: str) -> int:
+        """Rows it holds in a row pool ("lora" or "bottleneck", as PoolRowsExhausted names them)."""
+        allocation = {"lora": self.lora, "bottleneck": self.bottleneck}[pool]
+        return 0 if allocation is None else len(allocation.rows)

@@ -12,9 +12,10 @@ current version, and the request keeps it to the end, so an upload only affects 
 replaced version is freed when its last request ends. A request whose version is not on the device
 waits, while the others run, until a loader has fetched it and the engine thread has compiled it
 (`poll`). Idle versions are evicted least-recently-used first when pages or pool rows run short; a
-version in use never is. A LoRA version that has waited ROW_WAIT_GRACE_S for pool rows makes just
-enough of the least-used resident LoRAs drain (their new requests wait, unpinned) to free the rows it
-needs: otherwise steady traffic on resident adapters could keep every row in use and starve it.
+version in use never is. A LoRA or bottleneck version that has waited ROW_WAIT_GRACE_S for rows of
+its pool makes just enough of the least-used resident adapters of that pool drain (their new
+requests wait, unpinned) to free the rows it needs: otherwise steady traffic on resident adapters
+could keep every row in use and starve it.
 
 A version that passed validation but fails on the device (its compile raises, or a step running it
 does) is quarantined: its requests end with AdapterFailedError and later ones are refused at once,
@@ -37,8 +38,8 @@ from prefixserve.config import AdapterLimits
 from prefixserve.engine.adapter_handle import AdapterHandle
 from prefixserve.engine.adapter_loader import AdapterLoader
 from prefixserve.engine.kv_pages import KVPageManager
-from prefixserve.engine.lora_pool import PoolRowsExhausted
 from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.pool_rows import PoolRowsExhausted
 from prefixserve.engine.request import check_context_room
 from prefixserve.engine.residency import DeviceResidency
 from prefixserve.engine.task_pointers import TaskPointers, check_task_name
@@ -72,9 +73,9 @@ class AdapterManager:
         self.device = DeviceResidency(runner, pages, backbone.max_model_len, self.loader.required)
         self._waiting: dict[str, list[Request]] = {}  # version -> requests waiting for it
         self._quarantined: dict[str, AdapterFailedError] = {}  # version -> why it cannot be served here
-        # LoRA version -> (when it first found too few free pool rows, how many it needs)
-        self._row_starved: dict[str, tuple[float, int]] = {}
-        self._draining: set[str] = set()  # resident LoRAs whose new requests wait so their rows free up
+        # version -> (when it first found too few free rows, in which row pool, how many it needs)
+        self._row_starved: dict[str, tuple[float, str, int]] = {}
+        self._draining: set[str] = set()  # resident versions whose new requests wait so their rows free up
         self._held: list[Request] = []  # those requests
 
     def close(self) -> None:
@@ -253,7 +254,7 @@ class AdapterManager:
         ready = []
         for version, future in self.loader.finished():
             requests = self._waiting.pop(version, [])
-            starved = self._row_starved.pop(version, None)  # (since, rows needed)
+            starved = self._row_starved.pop(version, None)  # (since, pool, rows needed)
             try:
                 handle = self._make_resident(version, future.result()[0])
             except EngineOverloadedError as exc:
@@ -264,7 +265,7 @@ class AdapterManager:
                     self._waiting[version] = requests
                     if isinstance(exc, PoolRowsExhausted):
                         since = starved[0] if starved else time.monotonic()
-                        self._row_starved[version] = (since, exc.rows_needed)
+                        self._row_starved[version] = (since, exc.pool, exc.rows_needed)
                 continue
             except AdapterFailedError as exc:
                 ready += [(r, self.quarantine(version, exc)) for r in requests]
@@ -290,29 +291,36 @@ class AdapterManager:
         return ready
 
     def _choose_draining(self) -> set[str]:
-        """Once LoRAs have waited ROW_WAIT_GRACE_S for pool rows: the resident LoRAs in use with the
-        fewest requests, just enough of them that their rows cover what the waiting ones need. Their
-        new requests are held (not pinned) so they drain; every other adapter keeps serving. The
-        wait is bounded: a drained LoRA is idle, evictable, and gives its rows to a waiting one."""
+        """Per row pool, once versions have waited ROW_WAIT_GRACE_S for its rows: the resident versions
+        in use with the fewest requests, just enough of them that their rows cover what the waiting
+        ones need. Their new requests are held (not pinned) so they drain; every other adapter keeps
+        serving. The wait is bounded: a drained version is idle, evictable, and gives its rows to a
+        waiting one."""
         deadline = time.monotonic() - ROW_WAIT_GRACE_S
-        need = sum(rows for since, rows in self._row_starved.values() if since <= deadline)
-        if not need:
-            return set()
+        draining = set()
+        for name, pool in self.runner.row_pools.items():
+            need = sum(rows for since, starved_pool, rows in self._row_starved.values()
+                       if starved_pool == name and since <= deadline)
+            if need:
+                draining |= self._drain_for(name, need - pool.num_free_rows)
+        return draining
+
+    def _drain_for(self, pool: str, need: int) -> set[str]:
+        """The least-used in-use versions whose rows of `pool`, with the idle ones', cover `need`."""
         in_use = []
         for handle in self.device.resident.values():
-            if handle.lora is None:
+            if not (rows := handle.pool_rows(pool)):
                 continue
             if handle.num_users:
                 in_use.append(handle)
             else:
-                need -= handle.lora.rank  # idle: evicted for a waiting one at its next try
-        need -= self.runner.lora_pool.num_free_rows
+                need -= rows  # idle: evicted for a waiting one at its next try
         draining = set()
         for handle in sorted(in_use, key=lambda h: h.num_users):
             if need <= 0:
                 break
             draining.add(handle.version)
-            need -= handle.lora.rank
+            need -= handle.pool_rows(pool)
         return draining
 
     def _release_held(self) -> list[tuple[Request, PrefixServeError | None]]:

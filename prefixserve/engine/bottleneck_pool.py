@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixserve.engine.pool_rows import RowFreeList, grown_capacity
-from prefixserve.errors import ConfigError, EngineOverloadedError
+from prefixserve.engine.pool_rows import PoolRowsExhausted, RowFreeList, grown_capacity
+from prefixserve.errors import ConfigError
 from prefixserve.models.llama import LlamaArch
 
 INITIAL_ROWS = 64  # row storage before the first growth (plus the zero row)
@@ -77,8 +77,8 @@ class BottleneckPool:
         """weights: (layer, placement) -> (down [size, hidden], down_bias [size], up [hidden, size],
         up_bias [hidden]) of one adapter."""
         if size > len(self._rows):
-            raise EngineOverloadedError(f"the bottleneck pool has {len(self._rows)} free rows of {self.max_rows}, "
-                                        f"the adapter needs {size}; retry when running requests end")
+            raise PoolRowsExhausted(f"the bottleneck pool has {len(self._rows)} free rows of {self.max_rows}, the "
+                                    f"adapter needs {size}; retry when running requests end", "bottleneck", size)
         rows, [slot] = self._rows.take(size), self._slots.take(1)
         try:
             self._grow(max(rows), slot)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from prefixserve.adapters_store.kinds import lora_features
-from prefixserve.engine.pool_rows import RowFreeList, grown_capacity
-from prefixserve.errors import ConfigError, EngineOverloadedError
+from prefixserve.engine.pool_rows import PoolRowsExhausted, RowFreeList, grown_capacity
+from prefixserve.errors import ConfigError
 from prefixserve.models.llama import LlamaArch
 
 INITIAL_ROWS = 256  # storage before the first growth (plus the zero row)
@@ -39,14 +39,6 @@ def pool_rows_for(arch: LlamaArch, dtype: torch.dtype, budget_bytes: int, max_ra
         raise ConfigError(f"the LoRA memory budget of {budget_bytes} bytes holds {rows} ranks of this model "
                           f"({bytes_per_row(arch, dtype)} bytes each); expected at least max_lora_rank = {max_rank}")
     return rows
-
-
-class PoolRowsExhausted(EngineOverloadedError):
-    """Too few free rows for an adapter now: every row is held by adapters in use."""
-
-    def __init__(self, message: str, rows_needed: int):
-        super().__init__(message)
-        self.rows_needed = rows_needed
 
 
 @dataclass(frozen=True)
@@ -83,7 +75,7 @@ class LoRAPool:
         rank = max(a.shape[0] for a, _ in weights.values())
         if rank > len(self._free):
             raise PoolRowsExhausted(f"the LoRA pool has {len(self._free)} free ranks of {self.max_rows}, the "
-                                    f"adapter needs {rank}; retry when running adapters end", rank)
+                                    f"adapter needs {rank}; retry when running adapters end", "lora", rank)
         rows = self._free.take(rank)
         targets = frozenset(target for _, target in weights)
         try:

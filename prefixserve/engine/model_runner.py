@@ -67,6 +67,8 @@ class ModelRunner:
         self.lora_pool = LoRAPool(a, lora_pool_rows, self.dtype, self.device)
         self.vector_pool = VectorPool(a, vector_pool_rows, self.device)
         self.bottleneck_pool = BottleneckPool(a, bottleneck_pool_rows, self.dtype, self.device)
+        # the pools whose adapters take several rows each: a waiting one may need others drained
+        self.row_pools = {"lora": self.lora_pool, "bottleneck": self.bottleneck_pool}
 
     @staticmethod
     def bytes_per_page(backbone: Backbone, page_size: int, dtype: torch.dtype) -> int:

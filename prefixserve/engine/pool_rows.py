@@ -4,7 +4,18 @@ doubling as higher rows are used, stays as small as what is resident."""
 
 from __future__ import annotations
 
+from prefixserve.errors import EngineOverloadedError
+
 SHARED_ROW = 0
+
+
+class PoolRowsExhausted(EngineOverloadedError):
+    """Too few free rows in a row pool ("lora" or "bottleneck") for an adapter now: every row is held
+    by adapters in use. The adapter manager drains the least-used holders if it waits too long."""
+
+    def __init__(self, message: str, pool: str, rows_needed: int):
+        super().__init__(message)
+        self.pool, self.rows_needed = pool, rows_needed
 
 
 class RowFreeList:

@@ -51,7 +51,7 @@ class VectorPool:
         """vectors: (layer, target, mode) -> [features] of one task."""
         if not self._free:
             # The pool has a row for every running sequence twice over, so one frees as requests end; not
-            # PoolRowsExhausted, which would drain LoRAs for rows they do not hold.
+            # PoolRowsExhausted, which would drain LoRAs or bottlenecks for rows they do not hold.
             raise EngineOverloadedError(f"the vector pool's {self.max_rows} rows are all held by tasks in use; "
                                         f"retry when running requests end")
         [row] = self._free.take(1)

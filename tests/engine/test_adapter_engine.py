@@ -163,28 +163,40 @@ def test_unknown_task_and_bad_bytes_leave_no_state(engine):
     assert engine.adapters.tasks() == {} and engine.pages.num_free_pages == free and not engine.has_unfinished()
 
 
-def test_a_lora_waiting_for_pool_rows_is_not_starved_by_steady_traffic(engine, monkeypatch):
-    """Room for two LoRAs, which new requests keep busy every step: a third waits only the grace
-    period, then new requests of one of the two are held back until it is resident; all are served."""
+def room_for_two_size32_bottlenecks() -> dict:
+    """A bottleneck pool of 64 rows (4 sequences x 16): two size-32 adapters resident at once."""
+    return dict(scheduler=SchedulerConfig(max_num_seqs=4), adapters=AdapterLimits(max_bottleneck_size=32))
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_an_adapter_waiting_for_pool_rows_is_not_starved_by_steady_traffic(tiny_backbone, kind, monkeypatch):
+    """Room for two adapters in a row pool, which new requests keep busy every step: a third waits
+    only the grace period, then new requests of one of the two are held back until it is resident;
+    all are served."""
     monkeypatch.setattr(adapters_module, "ROW_WAIT_GRACE_S", 0.0)
-    for i, name in enumerate(("lora-a", "lora-b", "lora-c")):
-        engine.register_adapter(name, lora_artifact(engine, seed=i))
+    room, make = {"lora": (room_for_two_rank2_loras(tiny_backbone), lora_artifact),
+                  "bottleneck": (room_for_two_size32_bottlenecks(),
+                                 lambda engine, seed: bottleneck_artifact(engine, seed, size=32))}[kind]
+    engine = LLMEngine(tiny_backbone, EngineConfig(cache=CacheConfig(num_pages=64), **room))
+    for i, name in enumerate(("task-a", "task-b", "task-c")):
+        engine.register_adapter(name, make(engine, seed=i))
     prompt = random_prompts([5], seed=6)[0]
     short = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-    steady = [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("lora-b", "lora-c")]
+    steady = [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("task-b", "task-c")]
     engine.step()  # b and c hold the pool's rows
-    starved = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="lora-a")
+    starved = engine.add_request(prompt_token_ids=prompt, params=GREEDY, task="task-a")
     served_at = None
     for step in range(40):  # b and c keep arriving every step
-        steady += [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("lora-b", "lora-c")]
+        steady += [engine.add_request(prompt_token_ids=prompt, params=short, task=t) for t in ("task-b", "task-c")]
         engine.step()
         if served_at is None and starved.num_output_tokens:
             served_at = step
     assert served_at is not None and served_at < 20, served_at  # without holding back, it never gets rows
     while engine.has_unfinished():
         engine.step()
-    assert starved.output_token_ids == run(engine, prompt, "lora-a").token_ids
+    assert starved.output_token_ids == run(engine, prompt, "task-a").token_ids
     assert all(r.num_output_tokens == 4 for r in steady)
+    engine.close()
 
 
 def test_only_the_least_used_lora_drains_for_a_waiting_one(tiny_backbone, monkeypatch):
