@@ -26,13 +26,13 @@ from prefixserve.adapters_store.format import decode_artifact, encode_artifact
 from prefixserve.adapters_store.kinds import BottleneckKind
 from prefixserve.adapters_store.kinds.bottleneck import BottleneckWeights
 from prefixserve.errors import AdapterError, TrainingDataError, TrainingFailedError
+from prefixserve.kernels.bottleneck import ACTIVATION_FNS  # what the engine applies, so training matches it
 from prefixserve.training.backbone import TrainingBackbone
 from prefixserve.training.data import EncodedExample
 from prefixserve.training.evaluate import evaluate
 from prefixserve.training.spec import Hyperparameters, ProgressFn, TrainedAdapter, check_bottleneck
 from prefixserve.training.trainers import require_adapter_is_used, train_loop
 
-ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 SUBLAYER_OUTPUTS = {"attention": "self_attn.o_proj", "mlp": "mlp.down_proj"}  # the module a placement follows
 DOWN_INIT_STD = 1e-2
 
