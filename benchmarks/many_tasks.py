@@ -16,10 +16,10 @@ bitfit, adapter). Weights are random and small; every task is distinct. Before m
 of each kind must change the greedy output (tokens or logprobs) against the backbone, so an ignored
 task cannot flatter the numbers.
 
-Workload per (kind, N): REQUESTS streaming /v1/completions of ISL random token ids and exactly OSL
-tokens (ignore_eos), CONCURRENCY in flight; request i runs task order[i % N] (a seeded random order;
-only min(N, REQUESTS) tasks are touched, and only those are stored), then the same prompts on
-model "base". N values run in increasing order with fresh task names. tok_s: output tokens over the
+Workload per (kind, N): max(REQUESTS, N) streaming /v1/completions of ISL random token ids and
+exactly OSL tokens (ignore_eos), CONCURRENCY in flight; request i runs task order[i % N] (a seeded
+random order), so every one of the N tasks is stored and served at least once (N = 1024 sends 1024
+requests: fewer would touch only as many tasks as requests), then the same prompts on model "base". N values run in increasing order with fresh task names. tok_s: output tokens over the
 wall clock from the first send to the last token. TTFT: send to first token; ITL: gaps between
 consecutive tokens of a stream. Adapter loads: deltas of the server's /metrics counters over each
 task run. With --repeats R the task and plain runs alternate R times and each side keeps its best
@@ -237,7 +237,7 @@ def measure(base_url: str, models: list[str], prompts: list[list[int]], args) ->
         plain_runs.append(asyncio.run(run_requests(base_url, [BASE_TASK] * len(models), prompts, args.osl,
                                                    args.concurrency)))
     tasks, plain = (max(runs, key=lambda r: r["tok_s"]) for runs in (tasks_runs, plain_runs))
-    return {"tasks_used": len(set(models)), **tasks, "plain_tok_s": plain["tok_s"],
+    return {"requests": len(models), "tasks_used": len(set(models)), **tasks, "plain_tok_s": plain["tok_s"],
             "ratio": round(tasks["tok_s"] / plain["tok_s"], 3),
             **{f"plain_{key}": plain[key] for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms")},
             **{key: [int(run[key]) for run in loads] for key in COUNTERS},
@@ -247,7 +247,7 @@ def measure(base_url: str, models: list[str], prompts: list[list[int]], args) ->
 def bench_kind(kind: str, factory: TaskFactory, prompts: list[list[int]], args) -> dict:
     """One server for the kind: write its tasks, start it, warm it up, check the tasks apply, measure each N."""
     kind_of = (lambda j: MIXED_CYCLE[j % len(MIXED_CYCLE)]) if kind == "mixed" else (lambda j: kind)
-    models = {n: [f"{kind}-n{n}-{j}" for j in task_order(args.requests, n, seed=n)] for n in args.tasks}
+    models = {n: [f"{kind}-n{n}-{j}" for j in task_order(max(args.requests, n), n, seed=n)] for n in args.tasks}
     checks = {f"check-{k}": k for k in dict.fromkeys(kind_of(j) for j in range(len(MIXED_CYCLE)))}
     tasks = {**checks, **{name: kind_of(int(name.rsplit("-", 1)[1])) for names in models.values() for name in names}}
     port = free_port()
@@ -265,7 +265,7 @@ def bench_kind(kind: str, factory: TaskFactory, prompts: list[list[int]], args) 
             check_tasks_apply(base_url, list(checks), prompts[0][:32])
             results = {}
             for n in args.tasks:
-                results[n] = measure(base_url, models[n], prompts, args)
+                results[n] = measure(base_url, models[n], prompts[:len(models[n])], args)
                 print(f"{kind} N={n}: {json.dumps(results[n])}", file=sys.stderr)
         finally:
             server.terminate()
@@ -281,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
     parser.add_argument("--tasks", default="1,16,128,1024", help="comma list of N (distinct tasks)")
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=128, help="requests per cell (at least N)")
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--osl", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
@@ -297,7 +297,7 @@ def main() -> None:
     factory = TaskFactory()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1000, factory.arch.vocab_size, (args.isl,), generator=gen).tolist()
-               for _ in range(args.requests)]
+               for _ in range(max(args.requests, *args.tasks))]
     results = {kind: bench_kind(kind, factory, prompts, args) for kind in kinds}
     result = {"benchmark": "many_tasks", "model": "SmolLM2-135M-Instruct fp32", "device": args.device,
               "machine": machine(), "requests": args.requests, "isl": args.isl, "osl": args.osl,
@@ -305,9 +305,9 @@ def main() -> None:
               "results": results}
     if not args.no_record:
         append_results("many_tasks", [
-            f"{args.requests} streaming requests per cell (ISL {args.isl}, OSL {args.osl}, ignore_eos), "
-            f"{args.concurrency} in flight, request i on task i % N (seeded order; min(N, {args.requests}) tasks "
-            f"touched), then the same prompts on the plain backbone in the same server; SmolLM2 fp32 on "
+            f"max({args.requests}, N) streaming requests per cell (ISL {args.isl}, OSL {args.osl}, ignore_eos), "
+            f"{args.concurrency} in flight, request i on task i % N (seeded order; every one of the N tasks "
+            f"served), then the same prompts on the plain backbone in the same server; SmolLM2 fp32 on "
             f"{args.device}, one server process per kind, best of {args.repeats}. Cell: tasks tok/s / plain tok/s "
             f"(TTFT p99 tasks vs plain).",
             "",

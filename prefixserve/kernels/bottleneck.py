@@ -74,4 +74,4 @@ def add_bottleneck(
         h = activation(F.linear(ys, down.index_select(0, rows).float(), down_bias.index_select(0, rows).float()))
         deltas.append((single.tokens, F.linear(h, up.index_select(0, rows).float().T, up_bias[slot].float())))
     for tokens, delta in deltas:  # the skip connection in fp32 too, as the reference adds it
-        y[tokens] = (y.index_select(0, tokens).float() + delta).to(y.dtype)
+        y.index_copy_(0, tokens, (y.index_select(0, tokens).float() + delta).to(y.dtype))
