@@ -19,8 +19,9 @@ task cannot flatter the numbers.
 Workload per (kind, N): max(REQUESTS, N) streaming /v1/completions of ISL random token ids and
 exactly OSL tokens (ignore_eos), CONCURRENCY in flight; request i runs task order[i % N] (a seeded
 random order), so every one of the N tasks is stored and served at least once (N = 1024 sends 1024
-requests: fewer would touch only as many tasks as requests), then the same prompts on model "base". N values run in increasing order with fresh task names. tok_s: output tokens over the
-wall clock from the first send to the last token. TTFT: send to first token; ITL: gaps between
+requests: fewer would touch only as many tasks as requests), then the same prompts on model "base".
+N values run in increasing order with fresh task names. tok_s: output tokens over the wall clock
+from the first send to the last token. TTFT: send to first token; ITL: gaps between
 consecutive tokens of a stream. Adapter loads: deltas of the server's /metrics counters over each
 task run. With --repeats R the task and plain runs alternate R times and each side keeps its best
 (later repeats find whatever the caches kept). Prints one JSON object last and appends to RESULTS.md."""
