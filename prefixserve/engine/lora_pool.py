@@ -13,7 +13,8 @@ One row is charged at its cost over all seven projections: the budget is an uppe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +42,9 @@ def pool_rows_for(arch: LlamaArch, dtype: torch.dtype, budget_bytes: int, max_ra
     return rows
 
 
+_serials = itertools.count()
+
+
 @dataclass(frozen=True)
 class LoRAAllocation:
     """Where one resident adapter lives in the pool."""
@@ -48,6 +52,9 @@ class LoRAAllocation:
     rows: tuple[int, ...]  # pool row ids, one per rank
     scaling: float
     targets: frozenset[str]
+    # Unique per load, never reused: what copies of the rows (kernels/lora_stage.py) are keyed by,
+    # since freed rows go to the next adapter.
+    serial: int = field(default_factory=lambda: next(_serials), compare=False)
 
     @property
     def rank(self) -> int:

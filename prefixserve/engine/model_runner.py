@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from prefixserve.engine.bottleneck_pool import BottleneckAllocation, BottleneckPool
-from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool
+from prefixserve.engine.lora_pool import LoRAAllocation, LoRAPool, bytes_per_row
 from prefixserve.engine.request import Request, TopLogprobs
 from prefixserve.engine.scheduler_output import SchedulerOutput
 from prefixserve.engine.vector_pool import VectorPool
@@ -17,6 +17,7 @@ from prefixserve.kernels.bottleneck import plan_bottleneck
 from prefixserve.kernels.cascade_plan import plan_cascade
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora_meta import lora_batch_metadata
+from prefixserve.kernels.lora_stage import LoRAStage
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata
 from prefixserve.models.llama import BottleneckStep, LoRAStep, VectorStep
 from prefixserve.models.loader import Backbone
@@ -65,6 +66,10 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_cache = storage.permute(0, 1, 3, 4, 2, 5)  # [num_layers, 2, num_pages, page_size, Hkv, D]
         self.lora_pool = LoRAPool(a, lora_pool_rows, self.dtype, self.device)
+        # CPU: decode groups' LoRA weights kept across steps instead of gathered every step, in at
+        # most the pool's own budget again (the Triton kernels read the pool's rows in place).
+        self.lora_stage = (LoRAStage(lora_pool_rows * bytes_per_row(a, self.dtype))
+                           if self.device.type != "cuda" else None)
         self.vector_pool = VectorPool(a, vector_pool_rows, self.device)
         self.bottleneck_pool = BottleneckPool(a, bottleneck_pool_rows, self.dtype, self.device)
         # the pools whose adapters take several rows each: a waiting one may need others drained
@@ -226,7 +231,8 @@ class ModelRunner:
         if lora_segments:  # plain and prompt-style batches skip every LoRA op
             lora_meta = lora_batch_metadata(np.concatenate(lora_chunks), [a.rows for a in lora_segments],
                                             [a.scaling for a in lora_segments], device)
-            lora = LoRAStep(self.lora_pool.pools, lora_meta)
+            lora = LoRAStep(self.lora_pool.pools, lora_meta, stage=self.lora_stage,
+                            serials=[a.serial for a in lora_segments])
         bottlenecks = None
         if bottleneck_segments:  # as LoRA: grouped by adapter, one plan shared by every layer
             bottleneck_meta = lora_batch_metadata(np.concatenate(bottleneck_chunks),

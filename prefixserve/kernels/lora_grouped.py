@@ -8,15 +8,19 @@ Segments (the tokens of one adapter) are planned once per step:
 - long ones (prefill chunks, few per step under the token budget) run alone at their real rank,
   where two matmuls already amortise over many tokens and padding them would cost more.
 Rank buckets are powers of two from 8, so a rank-8 adapter beside a rank-64 one is not padded 8x.
+With a stage (kernels/lora_stage.py, `stage_groups`), a group's A and B rows are not gathered but
+kept across steps in slots, and the bmm reads them in place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from prefixserve.kernels.lora_meta import ZERO_ROW, LoRABatchMetadata
+from prefixserve.kernels.lora_stage import LoRAStage
 
 MAX_GROUPED_TOKENS = 16  # a segment longer than this runs alone
 MIN_RANK_BUCKET = 8
@@ -32,6 +36,7 @@ class _Group:
     shape: tuple[int, int, int]  # g, T, R
     segments: list[int]  # [g] the segment of each adapter in the group
     key: object = None  # what its segments share besides the rank bucket (plan_groups' segment_keys)
+    staged: bool = False  # adapter i of the group sits in slot i of the stage's bucket (stage_groups)
 
 
 @dataclass
@@ -58,42 +63,70 @@ def _bucket(rank: int) -> int:
 def plan_groups(meta: LoRABatchMetadata, segment_keys: list | None = None) -> GroupedPlan:
     """Host-side grouping of the step's segments, built once and reused by every projection.
     segment_keys[s]: segments group together only with others of an equal key (a bottleneck's activation)."""
-    token_indices = meta.token_indices.cpu().long()
-    starts = meta.segment_start_offsets.cpu().tolist()
-    rows_table = meta.segment_rows.cpu().long()
-    scaling = meta.segment_scaling.cpu().tolist()
+    host = _HostMeta.of(meta)
     buckets: dict[tuple, list[int]] = {}  # (key, rank bucket) -> segments
     singles = []
     for s, (count, rank) in enumerate(zip(meta.host_counts, meta.host_ranks)):
         if count == 0 or rank == 0:
             continue
         if count > MAX_GROUPED_TOKENS:
-            tokens = token_indices[starts[s]:starts[s] + count]
-            singles.append(_Single(rows_table[s, :rank].clone(), tokens, scaling[s], s))
+            tokens = host.token_indices[host.starts[s]:host.starts[s] + count]
+            singles.append(_Single(host.rows_table[s, :rank].clone(), tokens, host.scaling[s], s))
         else:
             key = segment_keys[s] if segment_keys is not None else None
             buckets.setdefault((key, _bucket(rank)), []).append(s)
-    groups = []
-    for (key, rank_bucket), segments in buckets.items():
-        g, longest = len(segments), max(meta.host_counts[s] for s in segments)
-        rows = torch.full((g, rank_bucket), ZERO_ROW, dtype=torch.long)
-        tokens = torch.empty(g, longest, dtype=torch.long)
-        valid = torch.zeros(g, longest, dtype=torch.bool)
-        for i, s in enumerate(segments):
-            rank, count = meta.host_ranks[s], meta.host_counts[s]
-            rows[i, :rank] = rows_table[s, :rank]
-            seg_tokens = token_indices[starts[s]:starts[s] + count]
-            tokens[i, :count] = seg_tokens
-            tokens[i, count:] = seg_tokens[0]  # any valid row: its padded result is dropped
-            valid[i, :count] = True
-        flat_valid = valid.flatten()
-        all_valid = bool(flat_valid.all())
-        groups.append(_Group(
-            rows.flatten(), tokens.flatten(), None if all_valid else flat_valid,
-            tokens.flatten() if all_valid else tokens.flatten()[flat_valid],
-            torch.tensor([scaling[s] for s in segments], dtype=torch.float32).view(g, 1, 1),
-            (g, longest, rank_bucket), segments, key))
+    groups = [_make_group(meta, host, segments, key, rank_bucket)
+              for (key, rank_bucket), segments in buckets.items()]
     return GroupedPlan(groups, singles)
+
+
+def stage_groups(plan: GroupedPlan, meta: LoRABatchMetadata, stage: LoRAStage,
+                 pools: dict[str, tuple[torch.Tensor, torch.Tensor]], serials: list[int]) -> None:
+    """Move the plan's groups onto the stage (kernels/lora_stage.py) where they fit: each such group
+    is rebuilt in slot order and marked staged, so its A and B are views, not gathers.
+    serials[s]: segment s's allocation serial; pools: the LoRA pool's per-target tensors."""
+    host = _HostMeta.of(meta)
+    for i, group in enumerate(plan.groups):
+        rank = group.shape[2]
+        rows = [host.rows_table[s, :meta.host_ranks[s]] for s in group.segments]
+        slots = stage.place(pools, rank, [serials[s] for s in group.segments], rows)
+        if slots is not None:
+            in_slot_order = [s for _, s in sorted(zip(slots, group.segments))]
+            plan.groups[i] = _make_group(meta, host, in_slot_order, group.key, rank, staged=True)
+
+
+@dataclass
+class _HostMeta:
+    token_indices: torch.Tensor  # [num_lora_tokens] int64
+    starts: list[int]
+    rows_table: torch.Tensor  # [S, max_rank] int64
+    scaling: list[float]
+
+    @classmethod
+    def of(cls, meta: LoRABatchMetadata) -> _HostMeta:
+        return cls(meta.token_indices.cpu().long(), meta.segment_start_offsets.cpu().tolist(),
+                   meta.segment_rows.cpu().long(), meta.segment_scaling.cpu().tolist())
+
+
+def _make_group(meta: LoRABatchMetadata, host: _HostMeta, segments: list[int], key, rank_bucket: int,
+                staged: bool = False) -> _Group:
+    g, longest = len(segments), max(meta.host_counts[s] for s in segments)
+    rows = torch.full((g, rank_bucket), ZERO_ROW, dtype=torch.long)
+    tokens = torch.empty(g, longest, dtype=torch.long)
+    valid = torch.zeros(g, longest, dtype=torch.bool)
+    for i, s in enumerate(segments):
+        rank, count = meta.host_ranks[s], meta.host_counts[s]
+        rows[i, :rank] = host.rows_table[s, :rank]
+        seg_tokens = host.token_indices[host.starts[s]:host.starts[s] + count]
+        tokens[i, :count] = seg_tokens
+        tokens[i, count:] = seg_tokens[0]  # any valid row: its padded result is dropped
+        valid[i, :count] = True
+    flat_valid = valid.flatten()
+    all_valid = bool(flat_valid.all())
+    return _Group(rows.flatten(), tokens.flatten(), None if all_valid else flat_valid,
+                  tokens.flatten() if all_valid else tokens.flatten()[flat_valid],
+                  torch.tensor([host.scaling[s] for s in segments], dtype=torch.float32).view(g, 1, 1),
+                  (g, longest, rank_bucket), segments, key, staged)
 
 
 def add_lora_grouped(
@@ -103,14 +136,20 @@ def add_lora_grouped(
     lora_b: torch.Tensor,  # [pool_rows, out_features]: row j is column j of PEFT's B
     meta: LoRABatchMetadata,
     plan: GroupedPlan | None = None,  # from plan_groups(meta); built here when absent
+    staged: Callable[[int, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> None:
-    """y += scaling * (x @ A^T) @ B^T per token by its segment, accumulated in fp32."""
+    """y += scaling * (x @ A^T) @ B^T per token by its segment, accumulated in fp32.
+    staged(R, g): this projection's stage slots 0..g-1 of bucket R, for the plan's staged groups."""
     plan = plan if plan is not None else plan_groups(meta)
     in_features, out_features = x.shape[1], y.shape[1]
     for group in plan.groups:
         g, longest, rank = group.shape
-        a = lora_a.index_select(0, group.rows).view(g, rank, in_features).float()  # [g, R, in]
-        b = lora_b.index_select(0, group.rows).view(g, rank, out_features).float()  # [g, R, out]
+        views = staged(rank, g) if group.staged and staged is not None else None
+        if views is not None:  # [g, R, in], [g, R, out]: the stage keeps them in this order
+            a, b = views[0].float(), views[1].float()
+        else:
+            a = lora_a.index_select(0, group.rows).view(g, rank, in_features).float()  # [g, R, in]
+            b = lora_b.index_select(0, group.rows).view(g, rank, out_features).float()  # [g, R, out]
         xs = x.index_select(0, group.tokens).view(g, longest, in_features).float()  # [g, T, in]
         h = torch.bmm(xs, a.transpose(1, 2)).mul_(group.scaling)  # [g, T, R]
         delta = torch.bmm(h, b).view(g * longest, out_features)  # [g*T, out]

@@ -8,6 +8,7 @@ decoder layer does two input matmuls instead of five.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,9 @@ from prefixserve.errors import ModelLoadError
 from prefixserve.kernels.bottleneck import BottleneckPlan, add_bottleneck
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora import add_lora
-from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups
+from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups, stage_groups
 from prefixserve.kernels.lora_meta import LoRABatchMetadata
+from prefixserve.kernels.lora_stage import LoRAStage
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 
@@ -64,10 +66,14 @@ class LoRAStep:
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]]
     meta: LoRABatchMetadata
     plan: GroupedPlan | None = None  # CPU only
+    stage: LoRAStage | None = None  # CPU only: where decode groups' weights persist across steps
+    serials: list[int] | None = None  # [S] each segment's allocation serial, the stage's keys
 
     def __post_init__(self):
         if self.plan is None and self.meta.token_indices.device.type != "cuda":
             self.plan = plan_groups(self.meta)
+            if self.stage is not None:
+                stage_groups(self.plan, self.meta, self.stage, self.pools, self.serials)
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += scaling * (x @ A^T) @ B^T per token, in place; y may be a column slice of a fused output."""
@@ -75,7 +81,8 @@ class LoRAStep:
             return
         a, b = self.pools[target]
         if self.plan is not None:
-            add_lora_grouped(x, y, a[layer], b[layer], self.meta, self.plan)
+            staged = partial(self.stage.views, target, layer) if self.stage is not None else None
+            add_lora_grouped(x, y, a[layer], b[layer], self.meta, self.plan, staged)
         else:
             add_lora(x, y, a[layer], b[layer], self.meta)
 
