@@ -48,20 +48,31 @@ CASES = {
     "long_segment_alone_beside_decodes": ([8, 16, 2], [0] * (MAX_GROUPED_TOKENS + 9) + [1, -1, 2, 1]),
     "segment_without_tokens": ([8, 8, 8], [0, 2, 0]),
     "no_lora_tokens": ([8], [-1, -1, -1]),
+    "decode_rows_spanning_the_batch_out_of_order": ([8, 4, 8], [2, 0, 1, 2, 1]),
+    "chunks_of_one_adapter_split_by_others": ([8, 8], [0] * (MAX_GROUPED_TOKENS + 2) + [1] + [0] * 3),
+    "rows_in_more_runs_than_slice_adds": ([8, 4], [0, -1] * 6 + [1, -1] * 3 + [0] * (MAX_GROUPED_TOKENS + 1) + [-1, 0]),
 }
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["own_output", "column_slice_of_fused_output"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
-def test_grouped_matches_per_token(case, dtype):
+def test_grouped_matches_per_token(case, dtype, fused):
     ranks, token_segment = CASES[case]
     pool_a, pool_b, rows, adapters = make_pool(ranks, dtype)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(len(token_segment), IN_FEATURES, generator=gen).to(dtype)
     y = torch.randn(len(token_segment), OUT_FEATURES, generator=gen).to(dtype)
     meta = lora_batch_metadata(np.array(token_segment), rows, [s for *_, s in adapters], torch.device("cpu"))
-    out = y.clone()
+    # q/k/v and gate/up are column slices of one fused output: rows strided, the other columns untouched
+    fused_out = torch.randn(len(token_segment), OUT_FEATURES + 13, generator=gen).to(dtype)
+    out = fused_out[:, 5:5 + OUT_FEATURES] if fused else y.clone()
+    out.copy_(y)
+    before = fused_out.clone()
     add_lora_grouped(x, out, pool_a, pool_b, meta)
+    if fused:
+        assert torch.equal(fused_out[:, :5], before[:, :5]) and torch.equal(fused_out[:, 5 + OUT_FEATURES:],
+                                                                            before[:, 5 + OUT_FEATURES:])
     # the reference sees the same (rounded) weights the pool holds
     rounded = [(a.to(dtype).float(), b.to(dtype).float(), s) for a, b, s in adapters]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
