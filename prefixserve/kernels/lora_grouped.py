@@ -8,7 +8,7 @@ Segments (the tokens of one adapter) are planned once per step:
 - long ones (prefill chunks, few per step under the token budget) run alone at their real rank,
   where two matmuls already amortise over many tokens and padding them would cost more.
 Rank buckets are powers of two from 8, so a rank-8 adapter beside a rank-64 one is not padded 8x.
-With a stage (kernels/lora_stage.py, `stage_groups`), a group's A and B rows are not gathered but
+With a stage (kernels/lora_stage.py, `plan_staged_groups`), a group's A and B rows are not gathered but
 kept across steps in slots, and the bmm reads them in place.
 """
 
@@ -82,7 +82,7 @@ class _Group:
     segments: list[int]  # [g] the segment of each adapter in the group
     scatter: _Scatter  # the valid rows of the [g * T, out] delta into y
     key: object = None  # what its segments share besides the rank bucket (plan_groups' segment_keys)
-    staged: bool = False  # adapter i of the group sits in slot i of the stage's bucket (stage_groups)
+    staged: bool = False  # adapter i of the group sits in slot i of the stage's bucket (plan_staged_groups)
 
 
 @dataclass
@@ -111,6 +111,32 @@ def plan_groups(meta: LoRABatchMetadata, segment_keys: list | None = None) -> Gr
     """Host-side grouping of the step's segments, built once and reused by every projection.
     segment_keys[s]: segments group together only with others of an equal key (a bottleneck's activation)."""
     host = _HostMeta.of(meta)
+    buckets, singles = _split_segments(meta, host, segment_keys)
+    groups = [_make_group(meta, host, segments, key, rank_bucket)
+              for (key, rank_bucket), segments in buckets.items()]
+    return GroupedPlan(groups, singles)
+
+
+def plan_staged_groups(meta: LoRABatchMetadata, stage: LoRAStage,
+                       pools: dict[str, tuple[torch.Tensor, torch.Tensor]], serials: list[int]) -> GroupedPlan:
+    """plan_groups with each group put on the stage (kernels/lora_stage.py) where it fits: such a
+    group is laid out in slot order and marked staged, so its A and B are views, not gathers.
+    serials[s]: segment s's allocation serial; pools: the LoRA pool's per-target tensors."""
+    host = _HostMeta.of(meta)
+    buckets, singles = _split_segments(meta, host, None)
+    groups = []
+    for (key, rank_bucket), segments in buckets.items():
+        rows = [host.rows_table[s, :meta.host_ranks[s]] for s in segments]
+        slots = stage.place(pools, rank_bucket, [serials[s] for s in segments], rows)
+        if slots is not None:
+            segments = [s for _, s in sorted(zip(slots, segments))]
+        groups.append(_make_group(meta, host, segments, key, rank_bucket, staged=slots is not None))
+    return GroupedPlan(groups, singles)
+
+
+def _split_segments(meta: LoRABatchMetadata, host: _HostMeta, segment_keys: list | None
+                    ) -> tuple[dict[tuple, list[int]], list[_Single]]:
+    """Short segments by (key, rank bucket), and the long ones as singles."""
     buckets: dict[tuple, list[int]] = {}  # (key, rank bucket) -> segments
     singles = []
     for s, (count, rank) in enumerate(zip(meta.host_counts, meta.host_ranks)):
@@ -123,24 +149,7 @@ def plan_groups(meta: LoRABatchMetadata, segment_keys: list | None = None) -> Gr
         else:
             key = segment_keys[s] if segment_keys is not None else None
             buckets.setdefault((key, _bucket(rank)), []).append(s)
-    groups = [_make_group(meta, host, segments, key, rank_bucket)
-              for (key, rank_bucket), segments in buckets.items()]
-    return GroupedPlan(groups, singles)
-
-
-def stage_groups(plan: GroupedPlan, meta: LoRABatchMetadata, stage: LoRAStage,
-                 pools: dict[str, tuple[torch.Tensor, torch.Tensor]], serials: list[int]) -> None:
-    """Move the plan's groups onto the stage (kernels/lora_stage.py) where they fit: each such group
-    is rebuilt in slot order and marked staged, so its A and B are views, not gathers.
-    serials[s]: segment s's allocation serial; pools: the LoRA pool's per-target tensors."""
-    host = _HostMeta.of(meta)
-    for i, group in enumerate(plan.groups):
-        rank = group.shape[2]
-        rows = [host.rows_table[s, :meta.host_ranks[s]] for s in group.segments]
-        slots = stage.place(pools, rank, [serials[s] for s in group.segments], rows)
-        if slots is not None:
-            in_slot_order = [s for _, s in sorted(zip(slots, group.segments))]
-            plan.groups[i] = _make_group(meta, host, in_slot_order, group.key, rank, staged=True)
+    return buckets, singles
 
 
 @dataclass

@@ -21,7 +21,7 @@ from prefixserve.errors import ModelLoadError
 from prefixserve.kernels.bottleneck import BottleneckPlan, add_bottleneck
 from prefixserve.kernels.kv_store import store_kv
 from prefixserve.kernels.lora import add_lora
-from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups, stage_groups
+from prefixserve.kernels.lora_grouped import GroupedPlan, add_lora_grouped, plan_groups, plan_staged_groups
 from prefixserve.kernels.lora_meta import LoRABatchMetadata
 from prefixserve.kernels.lora_stage import LoRAStage
 from prefixserve.kernels.paged_attention import PagedAttentionMetadata, paged_attention
@@ -71,9 +71,8 @@ class LoRAStep:
 
     def __post_init__(self):
         if self.plan is None and self.meta.token_indices.device.type != "cuda":
-            self.plan = plan_groups(self.meta)
-            if self.stage is not None:
-                stage_groups(self.plan, self.meta, self.stage, self.pools, self.serials)
+            self.plan = (plan_staged_groups(self.meta, self.stage, self.pools, self.serials)
+                         if self.stage is not None else plan_groups(self.meta))
 
     def apply(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += scaling * (x @ A^T) @ B^T per token, in place; y may be a column slice of a fused output."""

@@ -10,7 +10,7 @@ import torch
 
 from prefixserve.adapters_store.kinds import lora_features
 from prefixserve.engine.lora_pool import LoRAPool
-from prefixserve.kernels.lora_grouped import add_lora_grouped, plan_groups, stage_groups
+from prefixserve.kernels.lora_grouped import add_lora_grouped, plan_groups, plan_staged_groups
 from prefixserve.kernels.lora_meta import lora_batch_metadata
 from prefixserve.kernels.lora_stage import LoRAStage
 from prefixserve.models.llama import LlamaArch
@@ -59,8 +59,7 @@ class Fleet:
         a, b = self.pool.pools[target]
         gathered = y.clone()
         add_lora_grouped(x, gathered, a[layer], b[layer], meta, plan_groups(meta))
-        plan = plan_groups(meta)
-        stage_groups(plan, meta, stage, self.pool.pools, [al.serial for al in allocations])
+        plan = plan_staged_groups(meta, stage, self.pool.pools, [al.serial for al in allocations])
         staged = y.clone()
         add_lora_grouped(x, staged, a[layer], b[layer], meta, plan, partial(stage.views, target, layer))
         reference = y.clone()
