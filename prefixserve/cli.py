@@ -7,8 +7,13 @@ import logging
 import os
 import sys
 
-from prefixserve.adapters_store.store import DEFAULT_GC_GRACE_S, DEFAULT_MAX_HISTORY
-from prefixserve.config import (
+from prefixserve.openmp import apply_openmp_defaults
+
+# First: libgomp reads its settings once, when the imports below load torch (see prefixserve/openmp.py).
+OPENMP_APPLIED = apply_openmp_defaults()
+
+from prefixserve.adapters_store.store import DEFAULT_GC_GRACE_S, DEFAULT_MAX_HISTORY  # noqa: E402
+from prefixserve.config import (  # noqa: E402
     EMBEDDED_BACKBONE,
     AdapterLimits,
     CacheConfig,
@@ -16,8 +21,8 @@ from prefixserve.config import (
     ModelConfig,
     SchedulerConfig,
 )
-from prefixserve.errors import ConfigError
-from prefixserve.server.body_rate import DEFAULT_GRACE_S, DEFAULT_MIN_BYTES_PER_S
+from prefixserve.errors import ConfigError  # noqa: E402
+from prefixserve.server.body_rate import DEFAULT_GRACE_S, DEFAULT_MIN_BYTES_PER_S  # noqa: E402
 
 DEFAULT_TENANTS_FILE = "~/.local/share/prefixserve/tenants.json"
 # Every environment variable the CLI reads -> what it sets (docs, Docker files and their test use it).
@@ -244,6 +249,9 @@ def env_settings() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if OPENMP_APPLIED:
+        logging.getLogger("prefixserve").info("OpenMP: %s (unset before; see prefixserve/openmp.py)",
+                                              " ".join(f"{k}={v}" for k, v in OPENMP_APPLIED.items()))
     from prefixserve.errors import PrefixServeError
 
     try:
