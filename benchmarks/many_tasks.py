@@ -12,7 +12,8 @@ output, converted by import_peft), intrinsic (z over one shared random IPT subsp
 tokens), ia3 (scales on k, v and down_proj's input, peft's default for Llama), bitfit (biases on all
 seven projections), adapter (bottleneck adapters of size 16 after attention and the MLP of every
 layer, Houlsby's placement, ReLU), mixed (tasks cycle through lora8, prefix, prompt, intrinsic, ia3,
-bitfit, adapter). Weights are random and small; every task is distinct. Before measuring, one task
+bitfit, adapter), mixed3 (lora8, prefix, prompt: the three kinds of the LoRA-at-scale issue's "1/3 each").
+Weights are random and small; every task is distinct. Before measuring, one task
 of each kind must change the greedy output (tokens or logprobs) against the backbone, so an ignored
 task cannot flatter the numbers.
 
@@ -58,8 +59,9 @@ from prefixserve.engine.task_pointers import BASE_TASK
 from prefixserve.engine.tenancy import DEFAULT_TENANT, tenant_task
 from prefixserve.models.loader import load_backbone
 
-KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "bitfit", "adapter", "mixed")
-MIXED_CYCLE = ("lora8", "prefix", "prompt", "intrinsic", "ia3", "bitfit", "adapter")
+KINDS = ("lora8", "lora64", "prefix", "prompt", "ptuning", "intrinsic", "ia3", "bitfit", "adapter", "mixed", "mixed3")
+MIXES = {"mixed": ("lora8", "prefix", "prompt", "intrinsic", "ia3", "bitfit", "adapter"),
+         "mixed3": ("lora8", "prefix", "prompt")}
 BOTTLENECK_SIZE = 16
 NUM_VIRTUAL_TOKENS = 16
 INTRINSIC_DIM = 16
@@ -84,7 +86,7 @@ class TaskFactory:
         return torch.randn(*shape, generator=self.gen) * scale
 
     def make(self, kind: str) -> tuple[str, bytes]:
-        """(stored kind, artifact bytes) of a fresh task of benchmarked kind `kind` (not "mixed")."""
+        """(stored kind, artifact bytes) of a fresh task of benchmarked kind `kind` (not a mix)."""
         a, p = self.arch, NUM_VIRTUAL_TOKENS
         if kind in ("lora8", "lora64"):
             return "lora", self._lora(int(kind.removeprefix("lora")))
@@ -109,7 +111,7 @@ class TaskFactory:
             return "bitfit", encode_artifact("bitfit", {"targets": sorted(features)}, tensors, self.fingerprint)
         if kind == "adapter":
             return "adapter", self._bottleneck()
-        raise ValueError(f"expected a kind among {KINDS[:-1]}, found {kind!r}")
+        raise ValueError(f"expected a kind among {[k for k in KINDS if k not in MIXES]}, found {kind!r}")
 
     def _ia3(self) -> bytes:
         features, tensors = lora_features(self.arch), {}
@@ -247,9 +249,10 @@ def measure(base_url: str, models: list[str], prompts: list[list[int]], args) ->
 
 def bench_kind(kind: str, factory: TaskFactory, prompts: list[list[int]], args) -> dict:
     """One server for the kind: write its tasks, start it, warm it up, check the tasks apply, measure each N."""
-    kind_of = (lambda j: MIXED_CYCLE[j % len(MIXED_CYCLE)]) if kind == "mixed" else (lambda j: kind)
+    cycle = MIXES.get(kind, (kind,))
+    kind_of = lambda j: cycle[j % len(cycle)]  # noqa: E731
     models = {n: [f"{kind}-n{n}-{j}" for j in task_order(max(args.requests, n), n, seed=n)] for n in args.tasks}
-    checks = {f"check-{k}": k for k in dict.fromkeys(kind_of(j) for j in range(len(MIXED_CYCLE)))}
+    checks = {f"check-{k}": k for k in cycle}
     tasks = {**checks, **{name: kind_of(int(name.rsplit("-", 1)[1])) for names in models.values() for name in names}}
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"many-tasks-{kind}-") as tmp:
