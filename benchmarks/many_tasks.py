@@ -250,10 +250,10 @@ def measure(base_url: str, models: list[str], prompts: list[list[int]], args) ->
 def bench_kind(kind: str, factory: TaskFactory, prompts: list[list[int]], args) -> dict:
     """One server for the kind: write its tasks, start it, warm it up, check the tasks apply, measure each N."""
     cycle = MIXES.get(kind, (kind,))
-    kind_of = lambda j: cycle[j % len(cycle)]  # noqa: E731
     models = {n: [f"{kind}-n{n}-{j}" for j in task_order(max(args.requests, n), n, seed=n)] for n in args.tasks}
     checks = {f"check-{k}": k for k in cycle}
-    tasks = {**checks, **{name: kind_of(int(name.rsplit("-", 1)[1])) for names in models.values() for name in names}}
+    tasks = {**checks, **{name: cycle[int(name.rsplit("-", 1)[1]) % len(cycle)]
+                          for names in models.values() for name in names}}
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"many-tasks-{kind}-") as tmp:
         store_dir = os.path.join(tmp, "store")

@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results
 
-SETTINGS = {"libgomp_default": {}, "cli_settings": {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}}
+from prefixserve.openmp import DEFAULTS
+
+SETTINGS = {"libgomp_default": {}, "cli_settings": DEFAULTS}
 
 PROBE = r"""
 import json, sys, threading, time
@@ -49,7 +51,7 @@ print(json.dumps(out))
 
 
 def run_case(overrides: dict[str, str], where: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in DEFAULTS}
     env.update(overrides)
     out = subprocess.run([sys.executable, "-c", PROBE, where], env=env, capture_output=True, text=True,
                          timeout=600, check=True)

@@ -6,8 +6,9 @@ threads than the machine has CPUs - as soon as the main thread has loaded the mo
 thread steps it - libgomp cuts the spin of every waiting worker from ~300,000 iterations to 1,000, so
 each parallel op wakes its workers from a futex. Measured on a 2-core AMD EPYC (2026-12-08, torch 2.13
 CPU): a [16, 4, 576] x [16, 576, 8] x [16, 8, 576] bmm pair took 210-240 us on a thread started after
-the main thread had used OpenMP against 50-65 us on the main thread; a 128-request workload in-process
-ran 0.76-0.77 of the main thread's LoRA throughput and plain fell ~20 % (benchmarks/openmp_threads.py).
+the main thread had used OpenMP against 50-65 us on the main thread (benchmarks/openmp_threads.py); a
+128-request 16-LoRA workload stepped on such a thread ran 0.76-0.77 of plain against 0.90-0.96 on the
+main thread, and plain itself fell ~20 % (a scratch run, RESULTS.md 2026-12-08).
 
 OMP_WAIT_POLICY=active with GOMP_SPINCOUNT=300000 gives every pool libgomp's unthrottled spin
 (~300,000 iterations, then the worker sleeps, so an idle pool does not hold a core). Settings the user
